@@ -1,0 +1,56 @@
+"""Typed errors raised by hss-ee-hf.
+
+Every error says what was wrong and what to do about it. They all derive from
+[`HSSEEError`] so callers can catch the whole family at once.
+"""
+
+from __future__ import annotations
+
+
+class HSSEEError(Exception):
+    """Base class of every error raised by hss-ee-hf."""
+
+
+class RingOverflowError(HSSEEError, ValueError):
+    """A value is outside the fixed-point range the ring can carry exactly.
+
+    Raised when encoding an activation whose magnitude exceeds the overflow budget, and when
+    decoding a reconstructed value outside it (which is also what a garbage share looks like).
+    """
+
+
+class KeyMismatchError(HSSEEError, ValueError):
+    """The EE key belongs to another checkpoint (their fingerprints differ)."""
+
+
+class KeyFileError(HSSEEError, OSError):
+    """The key file is missing, unreadable, malformed, or would be written somewhere unsafe."""
+
+
+class UnsupportedArchitectureError(HSSEEError, ValueError):
+    """The model's architecture has no EE specification."""
+
+
+class ConversionError(HSSEEError, RuntimeError):
+    """Conversion failed (bad source, refused overwrite, or failed equivariance check)."""
+
+
+class CheckpointError(HSSEEError, ValueError):
+    """A checkpoint is not an EE checkpoint, or its `hss_ee` block is malformed or unsupported."""
+
+
+class StageError(HSSEEError, ValueError):
+    """A stage request is invalid: unknown stage, wrong shape, wrong byte length or fingerprint."""
+
+
+class TransportError(HSSEEError, ConnectionError):
+    """A share server could not be reached or answered with an error.
+
+    Args:
+        endpoint (`str`): the server that failed, e.g. `"127.0.0.1:50051"`.
+        message (`str`): what went wrong and what to do.
+    """
+
+    def __init__(self, endpoint: str, message: str):
+        self.endpoint = endpoint
+        super().__init__(f"share server {endpoint}: {message}")

@@ -1,0 +1,179 @@
+"""Fixed-point encoding and exact arithmetic over the ring Z_2^64 (DESIGN.md §4).
+
+The ring lives in `torch.int64`: two's-complement wrap-around is reduction mod 2^64.
+Activations are encoded as `round(x * 2^f)`; weights as symmetric per-output-channel integers
+`W_int = round(W / s)` with public scales `s`. A server computes `x_i @ W_int.T mod 2^64` on its
+share `x_i`; the client adds the two output shares and decodes with `s * 2^-f`.
+
+Two kernels compute the ring product:
+
+* [`ring_matmul_reference`]: plain `int64` matrix product (the definition).
+* [`RingWeight.matmul`]: the fast exact kernel. It splits each 64-bit share into four unsigned
+  16-bit limbs and multiplies them with the weight held once as float64. Every partial sum is an
+  integer below `2^16 * 2^15 * in_features < 2^53`, so float64 is exact, and the limbs are
+  recombined with wrapping `int64` shifts. Tests prove it equal to the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import RingOverflowError
+
+LIMB_BITS = 16
+N_LIMBS = 64 // LIMB_BITS
+_LIMB_MASK = (1 << LIMB_BITS) - 1
+# Inputs stay below 2^(f + ACTIVATION_HEADROOM_BITS) in magnitude (|x| < 2048 in real units).
+ACTIVATION_HEADROOM_BITS = 11
+MAX_IN_FEATURES = 1 << 15
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    """Ring parameters shared by the client, the servers and the checkpoint's `hss_ee` block.
+
+    Args:
+        frac_bits (`int`, *optional*, defaults to 16): fractional bits `f` of the activation encoding.
+        weight_bits (`int`, *optional*, defaults to 16): bits of the symmetric integer weights.
+    """
+
+    frac_bits: int = 16
+    weight_bits: int = 16
+
+    def __post_init__(self):
+        if not 1 <= self.frac_bits <= 24:
+            raise ValueError(f"frac_bits must be in [1, 24], got {self.frac_bits}")
+        if not 2 <= self.weight_bits <= 16:
+            raise ValueError(f"weight_bits must be in [2, 16], got {self.weight_bits}")
+
+    @property
+    def weight_max(self) -> int:
+        """Largest integer weight magnitude, `2^(weight_bits - 1) - 1`."""
+        return (1 << (self.weight_bits - 1)) - 1
+
+    @property
+    def activation_limit(self) -> float:
+        """Largest real activation magnitude that can be encoded, `2^ACTIVATION_HEADROOM_BITS`."""
+        return float(1 << ACTIVATION_HEADROOM_BITS)
+
+    def output_limit(self, in_features: int) -> int:
+        """Largest magnitude a legitimate ring product with `in_features` inputs can have."""
+        return in_features * self.weight_max * (1 << (self.frac_bits + ACTIVATION_HEADROOM_BITS))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode(x: torch.Tensor, config: RingConfig) -> torch.Tensor:
+    """Encodes real values as fixed-point ring elements `round(x * 2^f)`.
+
+    Args:
+        x (`torch.Tensor`): floating-point activations.
+        config (`RingConfig`): ring parameters.
+
+    Returns:
+        `torch.Tensor` of dtype `int64` and the same shape.
+
+    Raises:
+        `RingOverflowError`: a value is not finite or its magnitude reaches `config.activation_limit`.
+    """
+    x = x.detach().to(torch.float64)
+    peak = x.abs().max().item() if x.numel() else 0.0
+    if not peak < config.activation_limit:  # also true for NaN
+        raise RingOverflowError(
+            f"activation magnitude {peak:.4g} is outside the fixed-point range (< {config.activation_limit:g}); "
+            "the model produced non-finite or exploding activations for this input"
+        )
+    return torch.round(x * (1 << config.frac_bits)).to(torch.int64)
+
+
+def decode_activation(x_int: torch.Tensor, config: RingConfig) -> torch.Tensor:
+    """Inverse of [`encode`]: `x_int * 2^-f` as float64."""
+    return x_int.to(torch.float64) / (1 << config.frac_bits)
+
+
+def decode_output(y_int: torch.Tensor, scale: torch.Tensor, in_features: int, config: RingConfig) -> torch.Tensor:
+    """Decodes a reconstructed ring product into real outputs `y_int * s * 2^-f`.
+
+    Args:
+        y_int (`torch.Tensor`): `(..., out)` reconstructed ring product (`int64`).
+        scale (`torch.Tensor`): `(out,)` public per-output-channel weight scales.
+        in_features (`int`): inner dimension of the product, which bounds legitimate values.
+        config (`RingConfig`): ring parameters.
+
+    Returns:
+        `torch.Tensor` of dtype float64.
+
+    Raises:
+        `RingOverflowError`: a value is outside the overflow budget, which happens when a share was
+            corrupted or does not belong to this request.
+    """
+    limit = config.output_limit(in_features)
+    if y_int.numel() and y_int.abs().max().item() > limit:  # abs(INT64_MIN) stays negative: check both ends
+        raise RingOverflowError(
+            f"reconstructed value outside the overflow budget (|y| <= {limit}); a share is corrupted "
+            "or the two servers answered different requests"
+        )
+    if y_int.numel() and y_int.min().item() < -limit:
+        raise RingOverflowError(f"reconstructed value below the overflow budget (-{limit}); a share is corrupted")
+    return y_int.to(torch.float64) * scale.to(torch.float64) / (1 << config.frac_bits)
+
+
+def quantize_weight(weight: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel integer quantisation of a `(out, in)` weight.
+
+    Returns:
+        `(w_int, scale)`: `int64` integers with `|w_int| <= config.weight_max` and the float64
+        `(out,)` scales `s = max|W_row| / weight_max` (1 for all-zero rows).
+    """
+    w = weight.detach().to(torch.float64)
+    peak = w.abs().amax(dim=1)
+    scale = torch.where(peak > 0, peak / config.weight_max, torch.ones_like(peak))
+    w_int = torch.round(w / scale.unsqueeze(1)).clamp_(-config.weight_max, config.weight_max).to(torch.int64)
+    return w_int, scale
+
+
+def ring_matmul_reference(x: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+    """The definition of the server's work: `x @ w_int.T mod 2^64` in plain `int64`."""
+    return x @ w_int.T
+
+
+def _to_limbs(x: torch.Tensor) -> torch.Tensor:
+    """`(n, in)` int64 -> `(N_LIMBS * n, in)` float64 unsigned 16-bit limbs, least significant first."""
+    limbs = [((x >> (LIMB_BITS * k)) & _LIMB_MASK) for k in range(N_LIMBS)]
+    return torch.cat(limbs, dim=0).to(torch.float64)
+
+
+class RingWeight:
+    """An integer weight held once in the form the fast exact kernel reads.
+
+    Args:
+        w_int (`torch.Tensor`): `(out, in)` integer weight with `|w| < 2^15`.
+        device (`str` or `torch.device`, *optional*): where to keep it.
+    """
+
+    def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu"):
+        if w_int.dim() != 2:
+            raise ValueError(f"a ring weight must be 2-D (out, in), got shape {tuple(w_int.shape)}")
+        if w_int.shape[1] >= MAX_IN_FEATURES:
+            raise ValueError(f"in_features {w_int.shape[1]} exceeds the exactness bound {MAX_IN_FEATURES}")
+        if w_int.numel() and w_int.abs().max().item() >= 1 << 15:
+            raise ValueError("ring weights must be below 2^15 in magnitude for the float64 kernel to be exact")
+        self.out_features, self.in_features = w_int.shape
+        self._w_t = w_int.to(device=device, dtype=torch.float64).T.contiguous()  # (in, out)
+
+    @property
+    def device(self) -> torch.device:
+        return self._w_t.device
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact `x @ w_int.T mod 2^64` for an `(n, in)` int64 share."""
+        n = x.shape[0]
+        partial = (_to_limbs(x.to(self._w_t.device)) @ self._w_t).to(torch.int64)  # exact: < 2^53
+        partial = partial.view(N_LIMBS, n, self.out_features)
+        out = partial[0].clone()
+        for k in range(1, N_LIMBS):
+            out += partial[k] << (LIMB_BITS * k)  # wraps mod 2^64, as the ring requires
+        return out
