@@ -57,6 +57,11 @@ class EESpec:
         """Returns the EE tensors that replace `name` (usually one; the embedding also emits an untied head)."""
         raise NotImplementedError
 
+    @classmethod
+    def architecture_for(cls, config) -> str:
+        """The HF class name the EE checkpoint declares (the original's causal-LM class)."""
+        return cls.architectures[cls.model_types.index(config.model_type)]
+
     def ee_config(self, config):
         """The EE model's config: the same architecture, embeddings untied."""
         config.tie_word_embeddings = False

@@ -54,3 +54,17 @@ class TransportError(HSSEEError, ConnectionError):
     def __init__(self, endpoint: str, message: str):
         self.endpoint = endpoint
         super().__init__(f"share server {endpoint}: {message}")
+
+
+class StageRequestError(StageError):
+    """A share server refused a request; `code` is the gRPC status name it maps to.
+
+    Args:
+        message (`str`): what was wrong.
+        code (`str`, *optional*): `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `RESOURCE_EXHAUSTED` or
+            `UNAUTHENTICATED`.
+    """
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        self.code = code
+        super().__init__(message)

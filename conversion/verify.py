@@ -1,0 +1,57 @@
+"""Equivariance check run by every conversion before anything is moved into place.
+
+It loads the original and the freshly written EE checkpoint (through plain
+`AutoModelForCausalLM.from_pretrained`, which also proves the files load) and compares
+`logits_EE(pi(ids))[..., pi]` with `logits(ids)` on random token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from hss_ee_hf.csprng import ChaChaStream
+from hss_ee_hf.errors import ConversionError
+
+from .source import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+def random_token_ids(vocab_size: int, batch: int = 2, length: int = 16) -> torch.Tensor:
+    """Token ids drawn uniformly (from the CSPRNG, like everything random in the converter)."""
+    words = ChaChaStream().int64((batch, length))
+    return torch.remainder(words, vocab_size)
+
+
+@torch.no_grad()
+def verify_equivariance(
+    source: ModelSource, ee_folder: Path, vocab_perm: torch.Tensor, tolerance: float
+) -> tuple[float, float]:
+    """Compares original and EE logits on random ids.
+
+    Returns:
+        `(max_abs_diff, max_rel_diff)` where the relative figure divides by the largest |logit|.
+
+    Raises:
+        `ConversionError`: the relative difference exceeds `tolerance`.
+    """
+    original = source.load_model()
+    ids = random_token_ids(source.config.vocab_size)
+    reference = original(ids).logits.to(torch.float64)
+    del original
+    ee_model = AutoModelForCausalLM.from_pretrained(ee_folder, dtype=torch.float32).eval()
+    ee_logits = ee_model(vocab_perm[ids]).logits[..., vocab_perm].to(torch.float64)
+    del ee_model
+    max_abs = (ee_logits - reference).abs().max().item()
+    max_rel = max_abs / max(reference.abs().max().item(), 1e-12)
+    logger.info("equivariance check: max |dlogit| = %.3g (relative %.3g)", max_abs, max_rel)
+    if not max_rel <= tolerance:
+        raise ConversionError(
+            f"equivariance check failed: relative logit error {max_rel:.3g} exceeds {tolerance:g}; "
+            "nothing was written. This is a bug in the EE recipe for this architecture, please report it"
+        )
+    return max_abs, max_rel

@@ -1,0 +1,189 @@
+"""The share server's compute core: integer stage weights and validated ring products.
+
+[`StageEngine`] is what a share server is, minus the network: it loads an EE checkpoint once into
+the integer form the kernel reads, validates every request before computing, and returns the output
+share. The gRPC server and the in-process transport both call it, so tests of one cover the other.
+It is stateless between requests and never logs payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from .checkpoint import INDEX_FILE, HSSEECheckpointInfo, short
+from .csprng import SEED_BYTES
+from .errors import CheckpointError, StageRequestError
+from .ring import RingConfig, RingWeight, quantize_weight
+from .sharing import expand_share
+from .stages import Stage, stage_layout
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_ROWS = 8192
+PROTOCOL_VERSION = 1
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index (or the single `model.safetensors`)."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{folder} has neither {INDEX_FILE} nor model.safetensors")
+    with safe_open(str(single), "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def iter_stage_weights(
+    folder: str | os.PathLike, config, ring: RingConfig, progress: bool = False
+) -> Iterator[tuple[Stage, torch.Tensor, torch.Tensor]]:
+    """Yields `(stage, w_int, scale)` for every stage of an EE checkpoint, one stage in memory at a time.
+
+    Args:
+        folder (`str` or `os.PathLike`): the EE checkpoint folder.
+        config (`PretrainedConfig`): its config.
+        ring (`RingConfig`): quantisation parameters.
+        progress (`bool`, *optional*): show a progress bar.
+    """
+    folder = Path(folder)
+    files = _weight_files(folder)
+    layout = stage_layout(config)
+    for stage in tqdm(layout, desc="Loading stage weights", disable=not progress, unit="stage"):
+        parts = []
+        for part in stage.parts:
+            if part.weight not in files:
+                raise CheckpointError(f"{folder} lacks tensor {part.weight} needed by stage {stage.name}")
+            with safe_open(str(files[part.weight]), "pt") as f:
+                t = f.get_tensor(part.weight)
+            parts.append(t.T if part.conv1d else t)
+        w_int, scale = quantize_weight(torch.cat(parts, dim=0), ring)
+        yield stage, w_int, scale
+
+
+class StageEngine:
+    """Holds an EE checkpoint's stage weights and computes output shares.
+
+    Args:
+        checkpoint (`str` or `os.PathLike`): a local EE checkpoint folder.
+        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"`.
+        max_rows (`int`, *optional*): the most rows one request may carry.
+        progress (`bool`, *optional*): show a progress bar while loading.
+
+    Example:
+
+    ```python
+    >>> engine = StageEngine("smollm2-ee")
+    >>> out_bytes = engine.compute(engine.fingerprint, "layers.0.qkv", rows=1, share=share_bytes)
+    ```
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        device: str = "cpu",
+        max_rows: int = DEFAULT_MAX_ROWS,
+        progress: bool = False,
+    ):
+        folder = Path(checkpoint)
+        self.info = HSSEECheckpointInfo.from_folder(folder)
+        self.config = AutoConfig.from_pretrained(folder)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.max_rows = max_rows
+        self.weights: dict[str, RingWeight] = {}
+        for stage, w_int, _ in iter_stage_weights(folder, self.config, self.info.ring, progress=progress):
+            self.weights[stage.name] = RingWeight(w_int, device=self.device)
+        logger.info(
+            "loaded %d stages of checkpoint %s on %s", len(self.weights), short(self.fingerprint), self.device
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest request or reply payload this engine can produce or accept."""
+        widest = max(max(w.in_features, w.out_features) for w in self.weights.values())
+        return self.max_rows * widest * 8
+
+    def describe(self) -> dict[str, tuple[int, int]]:
+        """Stage name -> `(in_features, out_features)`."""
+        return {name: (w.in_features, w.out_features) for name, w in self.weights.items()}
+
+    def validate(
+        self, fingerprint: str, stage: str, rows: int, share: bytes | None, seed: bytes | None, version: int
+    ) -> RingWeight:
+        """Checks a request before any compute; raises `StageRequestError` with the matching status code."""
+        if version != PROTOCOL_VERSION:
+            raise StageRequestError(
+                f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION}); "
+                "use the same hss-ee-hf version on client and servers",
+                code="FAILED_PRECONDITION",
+            )
+        if fingerprint != self.fingerprint:
+            raise StageRequestError(
+                f"fingerprint {short(fingerprint) if fingerprint else '(empty)'} does not match the served "
+                f"checkpoint {short(self.fingerprint)}; point the client at servers of the same checkpoint",
+                code="FAILED_PRECONDITION",
+            )
+        weight = self.weights.get(stage)
+        if weight is None:
+            raise StageRequestError(f"unknown stage {stage!r}; this checkpoint has stages like 'layers.0.qkv'")
+        if not 0 < rows:
+            raise StageRequestError(f"rows must be positive, got {rows}")
+        if rows > self.max_rows:
+            raise StageRequestError(
+                f"{rows} rows exceed this server's limit of {self.max_rows}; send fewer tokens per request",
+                code="RESOURCE_EXHAUSTED",
+            )
+        if (share is None) == (seed is None):
+            raise StageRequestError("a request carries exactly one of a share or a seed")
+        if seed is not None and len(seed) != SEED_BYTES:
+            raise StageRequestError(f"a seed is {SEED_BYTES} bytes, got {len(seed)}")
+        expected = rows * weight.in_features * 8
+        if share is not None and len(share) != expected:
+            raise StageRequestError(
+                f"stage {stage} expects {rows} x {weight.in_features} int64 = {expected} bytes, got {len(share)}"
+            )
+        return weight
+
+    def compute(
+        self,
+        fingerprint: str,
+        stage: str,
+        rows: int,
+        share: bytes | None = None,
+        seed: bytes | None = None,
+        version: int = PROTOCOL_VERSION,
+    ) -> bytes:
+        """Validates a request and returns this server's output share as little-endian int64 bytes.
+
+        Args:
+            fingerprint (`str`): the checkpoint the client expects.
+            stage (`str`): stage name, e.g. `"layers.3.qkv"`.
+            rows (`int`): number of input rows.
+            share (`bytes`, *optional*): the input share, `rows x in_features` little-endian int64.
+            seed (`bytes`, *optional*): instead of `share`, a 32-byte seed that expands to it.
+            version (`int`, *optional*): the client's protocol version.
+
+        Raises:
+            `StageRequestError`: the request is invalid (nothing was computed).
+        """
+        weight = self.validate(fingerprint, stage, rows, share, seed, version)
+        if seed is not None:
+            x = expand_share(seed, (rows, weight.in_features))
+        else:
+            x = torch.frombuffer(bytearray(share), dtype=torch.int64).view(rows, weight.in_features)
+        return weight.matmul(x).cpu().numpy().tobytes()

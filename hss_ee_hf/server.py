@@ -1,0 +1,272 @@
+"""The share server: a [`StageEngine`] behind gRPC (DESIGN.md §7).
+
+One process is one party (A or B). It answers `ShareServer.Stage` with its output share and
+`ShareServer.Describe` with what it serves, exposes the standard gRPC health service, and keeps no
+state between requests. Every request is validated by the engine before any compute; a refused
+request gets the matching gRPC status and the server keeps serving. Payloads (shares and seeds) are
+never logged and never echoed in a status message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .checkpoint import short
+from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
+from .errors import HSSEEError, StageRequestError
+from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = hss_ee_pb2.DESCRIPTOR.services_by_name["ShareServer"].full_name
+DEFAULT_PORT = 50051
+DEFAULT_MAX_WORKERS = 8
+DEFAULT_GRACE_SECONDS = 5.0
+# gRPC and protobuf cannot carry a message of 2 GiB or more.
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+# Room for the non-payload fields of a message (fingerprint, stage name, rows, tags and lengths).
+MESSAGE_HEADROOM_BYTES = 1 << 16
+# Status details travel in HTTP/2 trailers; keep them short whatever a client sent.
+_MAX_DETAILS_CHARS = 1024
+_INTERNAL_DETAILS = "internal server error; the request was not computed. The server log names the cause"
+
+
+class ShareServerError(HSSEEError, RuntimeError):
+    """The share server cannot start: its port cannot be bound or its stages do not fit in a gRPC message."""
+
+
+def _status_code(code: str) -> grpc.StatusCode:
+    """Maps a `StageRequestError.code` to its gRPC status (unknown names count as `INVALID_ARGUMENT`)."""
+    return grpc.StatusCode.__members__.get(code, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def message_limit(engine: StageEngine) -> int:
+    """The gRPC send/receive limit a server for `engine` needs: its largest payload plus framing headroom.
+
+    Raises:
+        `ShareServerError`: the largest payload does not fit in one gRPC message.
+    """
+    needed = engine.max_message_bytes + MESSAGE_HEADROOM_BYTES
+    if needed > GRPC_MAX_MESSAGE_BYTES:
+        raise ShareServerError(
+            f"with max_rows={engine.max_rows} the largest stage payload is {engine.max_message_bytes} bytes, more "
+            f"than one gRPC message can carry (2 GiB); use at most {fitting_max_rows(engine)} rows (`--max-rows`)"
+        )
+    return needed
+
+
+def fitting_max_rows(engine: StageEngine) -> int:
+    """The largest `max_rows` whose widest stage payload still fits in one gRPC message."""
+    per_row = engine.max_message_bytes // engine.max_rows
+    return max(1, (GRPC_MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES) // per_row)
+
+
+class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
+    """The `ShareServer` gRPC service over one [`StageEngine`]; stateless between requests.
+
+    Args:
+        engine (`StageEngine`): the loaded EE checkpoint this server computes with.
+
+    Example:
+
+    ```python
+    >>> servicer = ShareServicer(StageEngine("smollm2-ee"))
+    >>> hss_ee_pb2_grpc.add_ShareServerServicer_to_server(servicer, grpc_server)
+    ```
+    """
+
+    def __init__(self, engine: StageEngine):
+        self.engine = engine
+
+    def Stage(self, request: hss_ee_pb2.StageRequest, context: grpc.ServicerContext) -> hss_ee_pb2.StageReply:
+        which = request.WhichOneof("input")
+        try:
+            out = self.engine.compute(
+                request.fingerprint,
+                request.stage,
+                request.rows,
+                share=request.share if which == "share" else None,
+                seed=request.seed if which == "seed" else None,
+                version=request.version,
+            )
+        except StageRequestError as err:
+            # The engine's messages name sizes, stages and fingerprints, never payload bytes.
+            details = str(err)[:_MAX_DETAILS_CHARS]
+            logger.info("refused a stage request (%s): %s", err.code, details)
+            context.abort(_status_code(err.code), details)
+        except Exception as err:  # any failure must become a status, never a dropped call
+            # Log where it failed but not the exception's message: its arguments may hold request data.
+            where = "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
+            logger.error("stage request failed with %s at\n%s", type(err).__name__, where)
+            context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_DETAILS)
+        return hss_ee_pb2.StageReply(share=out)
+
+    def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
+        stages = [
+            hss_ee_pb2.StageInfo(name=name, in_features=in_f, out_features=out_f)
+            for name, (in_f, out_f) in self.engine.describe().items()
+        ]
+        return hss_ee_pb2.DescribeReply(
+            fingerprint=self.engine.fingerprint,
+            protocol_version=PROTOCOL_VERSION,
+            stages=stages,
+            max_rows=self.engine.max_rows,
+        )
+
+
+def _address(host: str, port: int) -> str:
+    """`host:port`, with IPv6 literals bracketed."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _start(
+    engine: StageEngine, host: str, port: int, max_workers: int
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    limit = message_limit(engine)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hss-ee-serve"),
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+    )
+    hss_ee_pb2_grpc.add_ShareServerServicer_to_server(ShareServicer(engine), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpcio raises RuntimeError when it cannot bind
+        raise ShareServerError(
+            f"cannot listen on {address}: {err}; choose another port (`--port`) or stop the process using it"
+        ) from err
+    if bound == 0:  # older grpcio reports a failed bind as port 0
+        raise ShareServerError(
+            f"cannot listen on {address}; choose another port (`--port`) or stop the process using it"
+        )
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+def start_server(
+    engine: StageEngine,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+) -> tuple[grpc.Server, int]:
+    """Starts a share server for `engine` in background threads and returns at once.
+
+    The gRPC message limits are raised to fit the engine's largest stage payload (plus framing), and the
+    standard health service (`grpc.health.v1.Health`) reports `SERVING` for `""` and `hss_ee.v1.ShareServer`.
+
+    Args:
+        engine (`StageEngine`): the loaded EE checkpoint.
+        host (`str`, *optional*, defaults to `"127.0.0.1"`): interface to listen on (`"0.0.0.0"` for all).
+        port (`int`, *optional*, defaults to 50051): TCP port; `0` picks a free one.
+        max_workers (`int`, *optional*, defaults to 8): threads answering requests concurrently.
+
+    Returns:
+        `(server, port)`: the running `grpc.Server` (stop it with `server.stop(grace)`) and the port it bound.
+
+    Raises:
+        `ShareServerError`: the port cannot be bound, or the largest payload does not fit in a gRPC message.
+
+    Example:
+
+    ```python
+    >>> server, port = start_server(StageEngine("smollm2-ee"), port=0)
+    >>> transport = GrpcTransport((f"127.0.0.1:{port}", "10.0.0.2:50051"))
+    >>> server.stop(grace=1.0).wait()
+    ```
+    """
+    server, bound, _ = _start(engine, host, port, max_workers)
+    return server, bound
+
+
+def serve(
+    checkpoint: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    device: str = "cpu",
+    max_rows: int | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    ready_callback: Callable[[int], None] | None = None,
+    grace: float = DEFAULT_GRACE_SECONDS,
+    progress: bool = True,
+) -> None:
+    """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
+
+    On a signal the health service turns `NOT_SERVING`, new requests are refused, and requests in flight get
+    `grace` seconds to finish before the process returns.
+
+    Args:
+        checkpoint (`str` or `os.PathLike`): a local EE checkpoint folder.
+        host (`str`, *optional*, defaults to `"127.0.0.1"`): interface to listen on (`"0.0.0.0"` for all).
+        port (`int`, *optional*, defaults to 50051): TCP port; `0` picks a free one (see `ready_callback`).
+        device (`str`, *optional*, defaults to `"cpu"`): where the stage weights live (`"cuda"`, `"auto"`, ...).
+        max_rows (`int`, *optional*): the most rows one request may carry. By default 8192, lowered when the
+            widest stage (often `lm_head`) would not fit in one gRPC message; clients read it with `Describe`.
+        max_workers (`int`, *optional*, defaults to 8): threads answering requests concurrently.
+        ready_callback (`Callable[[int], None]`, *optional*): called with the bound port once the server accepts
+            requests.
+        grace (`float`, *optional*, defaults to 5.0): seconds requests in flight get to finish on shutdown.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar while loading the weights.
+
+    Raises:
+        `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
+            gRPC message.
+
+    Example:
+
+    ```python
+    >>> from hss_ee_hf.server import serve
+    >>> serve("smollm2-ee", host="0.0.0.0", port=50051)  # blocks until Ctrl-C
+    ```
+    """
+    engine = StageEngine(checkpoint, device=device, max_rows=max_rows or DEFAULT_MAX_ROWS, progress=progress)
+    if max_rows is None and engine.max_message_bytes + MESSAGE_HEADROOM_BYTES > GRPC_MAX_MESSAGE_BYTES:
+        engine.max_rows = fitting_max_rows(engine)
+        logger.info("max_rows lowered to %d so the widest stage fits in one gRPC message", engine.max_rows)
+    server, bound, health_servicer = _start(engine, host, port, max_workers)
+
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
+    else:
+        logger.warning("serve() runs outside the main thread: it cannot catch signals and serves until killed")
+    try:
+        logger.info(
+            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s",
+            short(engine.fingerprint),
+            len(engine.describe()),
+            engine.max_rows,
+            PROTOCOL_VERSION,
+            _address(host, bound),
+        )
+        if ready_callback is not None:
+            ready_callback(bound)
+        stop.wait()
+    finally:
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace).wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logger.info("share server on %s stopped", _address(host, bound))

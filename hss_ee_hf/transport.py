@@ -1,0 +1,92 @@
+"""How output shares come back from the two servers: one small interface, two implementations.
+
+[`Transport.run_stage`] sends party A its seed and party B its share of one stage input, and returns
+both output shares. [`InProcessTransport`] calls two [`StageEngine`]s directly (same serialisation,
+no network) for tests and single-machine trials; `GrpcTransport` (in `grpc_transport.py`) talks to
+two `hss-ee serve` processes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .engine import PROTOCOL_VERSION, StageEngine
+from .errors import StageRequestError, TransportError
+from .sharing import Shares
+
+
+def bytes_to_share(data: bytes, rows: int, out_features: int, endpoint: str) -> torch.Tensor:
+    """Checks a reply's length and views it as an `(rows, out_features)` int64 tensor."""
+    expected = rows * out_features * 8
+    if len(data) != expected:
+        raise TransportError(endpoint, f"reply has {len(data)} bytes, expected {expected}; the server is faulty")
+    return torch.frombuffer(bytearray(data), dtype=torch.int64).view(rows, out_features)
+
+
+class Transport(ABC):
+    """Carries one stage's shares to the two servers and their output shares back."""
+
+    endpoints: tuple[str, str]
+
+    @abstractmethod
+    def run_stage(self, fingerprint: str, stage: str, shares: Shares, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs one stage on both servers.
+
+        Args:
+            fingerprint (`str`): the checkpoint the client expects the servers to hold.
+            stage (`str`): stage name.
+            shares (`Shares`): `(rows, in_features)` input shares; A gets the seed, B the share.
+            out_features (`int`): expected width of the reply.
+
+        Returns:
+            `(y_a, y_b)`: the two `(rows, out_features)` output shares.
+
+        Raises:
+            `TransportError`: naming the endpoint that failed.
+        """
+
+    def close(self) -> None:
+        """Releases connections and threads."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class InProcessTransport(Transport):
+    """Two stage engines in this process, called concurrently through the same byte interface.
+
+    Args:
+        engine_a (`StageEngine`): party A.
+        engine_b (`StageEngine`, *optional*): party B (defaults to the same engine, which is exact and
+            saves memory; the two parties still receive independent messages).
+    """
+
+    def __init__(self, engine_a: StageEngine, engine_b: StageEngine | None = None):
+        self.engines = (engine_a, engine_b or engine_a)
+        self.endpoints = ("in-process:A", "in-process:B")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hss-ee-inproc")
+
+    def _call(self, party: int, fingerprint: str, stage: str, rows: int, payload: dict) -> bytes:
+        try:
+            return self.engines[party].compute(fingerprint, stage, rows, version=PROTOCOL_VERSION, **payload)
+        except StageRequestError as err:
+            raise TransportError(self.endpoints[party], f"{err.code}: {err}") from err
+
+    def run_stage(self, fingerprint, stage, shares, out_features):
+        rows = shares.b.shape[0]
+        fut_a = self._pool.submit(self._call, 0, fingerprint, stage, rows, {"seed": shares.seed})
+        fut_b = self._pool.submit(self._call, 1, fingerprint, stage, rows, {"share": shares.b.numpy().tobytes()})
+        raw_a, raw_b = fut_a.result(), fut_b.result()
+        return (
+            bytes_to_share(raw_a, rows, out_features, self.endpoints[0]),
+            bytes_to_share(raw_b, rows, out_features, self.endpoints[1]),
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
