@@ -25,8 +25,11 @@ from .errors import RingOverflowError
 LIMB_BITS = 16
 N_LIMBS = 64 // LIMB_BITS
 _LIMB_MASK = (1 << LIMB_BITS) - 1
-# Inputs stay below 2^(f + ACTIVATION_HEADROOM_BITS) in magnitude (|x| < 2048 in real units).
-ACTIVATION_HEADROOM_BITS = 11
+# A legitimate ring product stays below 2^OUTPUT_BITS in magnitude: |x_int| < 2^(f + h),
+# |w_int| < 2^(weight_bits - 1) and in_features <= 2^k give 2^(f + h + weight_bits - 1 + k) <= 2^62.
+# The activation headroom h is what is left for a stage's width, at most MAX_HEADROOM_BITS.
+OUTPUT_BITS = 62
+MAX_HEADROOM_BITS = 24
 MAX_IN_FEATURES = 1 << 15
 
 
@@ -53,25 +56,37 @@ class RingConfig:
         """Largest integer weight magnitude, `2^(weight_bits - 1) - 1`."""
         return (1 << (self.weight_bits - 1)) - 1
 
-    @property
-    def activation_limit(self) -> float:
-        """Largest real activation magnitude that can be encoded, `2^ACTIVATION_HEADROOM_BITS`."""
-        return float(1 << ACTIVATION_HEADROOM_BITS)
+    def headroom_bits(self, in_features: int) -> int:
+        """Integer bits `h` left for activations of a stage with `in_features` inputs (|x| < 2^h)."""
+        width_bits = max(in_features - 1, 1).bit_length()
+        h = min(MAX_HEADROOM_BITS, OUTPUT_BITS - (self.weight_bits - 1) - width_bits - self.frac_bits)
+        if h < 1:
+            raise RingOverflowError(
+                f"a stage with {in_features} inputs leaves no headroom with frac_bits={self.frac_bits} and "
+                f"weight_bits={self.weight_bits}; lower frac_bits"
+            )
+        return h
+
+    def activation_limit(self, in_features: int) -> float:
+        """Largest real activation magnitude (exclusive) a stage with `in_features` inputs can encode."""
+        return float(1 << self.headroom_bits(in_features))
 
     def output_limit(self, in_features: int) -> int:
-        """Largest magnitude a legitimate ring product with `in_features` inputs can have."""
-        return in_features * self.weight_max * (1 << (self.frac_bits + ACTIVATION_HEADROOM_BITS))
+        """Largest magnitude a legitimate ring product with `in_features` inputs can have (< 2^62)."""
+        return in_features * self.weight_max * (1 << (self.frac_bits + self.headroom_bits(in_features)))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def encode(x: torch.Tensor, config: RingConfig) -> torch.Tensor:
+def encode(x: torch.Tensor, config: RingConfig, in_features: int | None = None) -> torch.Tensor:
     """Encodes real values as fixed-point ring elements `round(x * 2^f)`.
 
     Args:
         x (`torch.Tensor`): floating-point activations.
         config (`RingConfig`): ring parameters.
+        in_features (`int`, *optional*): width of the stage the values feed (defaults to `x.shape[-1]`);
+            it sets how large they may be.
 
     Returns:
         `torch.Tensor` of dtype `int64` and the same shape.
@@ -80,10 +95,11 @@ def encode(x: torch.Tensor, config: RingConfig) -> torch.Tensor:
         `RingOverflowError`: a value is not finite or its magnitude reaches `config.activation_limit`.
     """
     x = x.detach().to(torch.float64)
+    limit = config.activation_limit(in_features or x.shape[-1])
     peak = x.abs().max().item() if x.numel() else 0.0
-    if not peak < config.activation_limit:  # also true for NaN
+    if not peak < limit:  # also true for NaN
         raise RingOverflowError(
-            f"activation magnitude {peak:.4g} is outside the fixed-point range (< {config.activation_limit:g}); "
+            f"activation magnitude {peak:.4g} is outside the fixed-point range (< {limit:g}); "
             "the model produced non-finite or exploding activations for this input"
         )
     return torch.round(x * (1 << config.frac_bits)).to(torch.int64)

@@ -89,6 +89,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
         self.engine = engine
 
     def Stage(self, request: hss_ee_pb2.StageRequest, context: grpc.ServicerContext) -> hss_ee_pb2.StageReply:
+        """Validates one request and returns this server's output share (or aborts with the matching status)."""
         which = request.WhichOneof("input")
         try:
             out = self.engine.compute(
@@ -105,13 +106,17 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             logger.info("refused a stage request (%s): %s", err.code, details)
             context.abort(_status_code(err.code), details)
         except Exception as err:  # any failure must become a status, never a dropped call
-            # Log where it failed but not the exception's message: its arguments may hold request data.
-            where = "".join(traceback.format_list(traceback.extract_tb(err.__traceback__)))
-            logger.error("stage request failed with %s at\n%s", type(err).__name__, where)
+            # Log where it failed but not the exception's message or source lines: they may hold request data.
+            where = " <- ".join(
+                f"{frame.filename}:{frame.lineno} in {frame.name}"
+                for frame in reversed(traceback.extract_tb(err.__traceback__))
+            )
+            logger.error("stage request failed with %s at %s", type(err).__name__, where)
             context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_DETAILS)
         return hss_ee_pb2.StageReply(share=out)
 
     def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
+        """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
         stages = [
             hss_ee_pb2.StageInfo(name=name, in_features=in_f, out_features=out_f)
             for name, (in_f, out_f) in self.engine.describe().items()
@@ -137,7 +142,12 @@ def _start(
     limit = message_limit(engine)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hss-ee-serve"),
-        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            # Without this a second server could bind the same port and silently take half the requests.
+            ("grpc.so_reuseport", 0),
+        ],
     )
     hss_ee_pb2_grpc.add_ShareServerServicer_to_server(ShareServicer(engine), server)
     health_servicer = health.HealthServicer()

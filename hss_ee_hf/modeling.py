@@ -1,0 +1,199 @@
+"""`HSSEEForCausalLM`: the HF causal-LM class of the EE checkpoint, with its weights on two servers.
+
+`from_pretrained` builds the checkpoint's own architecture class (Llama, Mistral, Qwen2, GPT-2)
+with empty weights, loads only the client-side tensors (embedding, norm weights, biases, position
+embeddings), and swaps every weight-bearing linear layer for a [`RemoteLinear`]. The result *is* a
+`LlamaForCausalLM` (etc.) to `GenerationMixin`: `generate()`, caches, logits processors, stopping
+criteria and streamers are transformers' own, and token ids in and out are in the original
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from transformers import AutoConfig, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .checkpoint import HSSEECheckpointInfo, short
+from .errors import CheckpointError, HSSEEError
+from .hub import resolve_client_files
+from .key import EEKey
+from .protocol import StageClient
+from .remote_layers import FusedStage, PermutedEmbedding, RemoteLinear, UnpermutedHead
+from .stages import stage_layout
+from .transport import Transport
+
+logger = logging.getLogger(__name__)
+
+
+def _make_transport(endpoints, transport: Transport | None, timeout: float) -> Transport:
+    if transport is not None:
+        return transport
+    if endpoints is None or len(endpoints) != 2:
+        raise ValueError('pass endpoints=("hostA:port", "hostB:port") (two share servers) or a transport')
+    from .grpc_transport import GrpcTransport
+
+    return GrpcTransport(tuple(endpoints), timeout=timeout)
+
+
+class HSSEEForCausalLM:
+    """Client model for private generation on two share servers.
+
+    `HSSEEForCausalLM.from_pretrained(...)` returns an instance of a subclass of both this class and
+    the checkpoint's HF class (e.g. `LlamaForCausalLM`), so everything transformers offers for that
+    class works unchanged.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoTokenizer
+    >>> from hss_ee_hf import HSSEEForCausalLM
+    >>> model = HSSEEForCausalLM.from_pretrained(
+    ...     "smollm2-ee", key="smollm2.hss-ee-key", endpoints=("10.0.0.1:50051", "10.0.0.2:50051")
+    ... )
+    >>> tok = AutoTokenizer.from_pretrained("smollm2-ee")
+    >>> out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=16)
+    >>> tok.decode(out[0])
+    ```
+    """
+
+    hss_ee_client: StageClient
+    hss_ee_key: EEKey
+    hss_ee_info: HSSEECheckpointInfo
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        key: EEKey | str | os.PathLike,
+        endpoints: tuple[str, str] | list[str] | None = None,
+        transport: Transport | None = None,
+        timeout: float = 60.0,
+        max_rows: int = 4096,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Loads the client side of an EE checkpoint and connects it to two share servers.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a local EE checkpoint folder or a Hub
+                repo id (only the client files are downloaded).
+            key (`EEKey` or path): the secret key written by `hss-ee convert`.
+            endpoints (`tuple[str, str]`, *optional*): `host:port` of share servers A and B.
+            transport (`Transport`, *optional*): a ready transport instead of `endpoints` (e.g.
+                `InProcessTransport` for a single-machine trial).
+            timeout (`float`, *optional*): per-call deadline in seconds for gRPC.
+            max_rows (`int`, *optional*): the most rows sent in one request (longer prompts are split).
+            revision, cache_dir, token, local_files_only: as in `transformers`' `from_pretrained`.
+            kwargs: config overrides (e.g. `attn_implementation="eager"`).
+
+        Returns:
+            The client model, in eval mode, float32.
+
+        Raises:
+            `KeyMismatchError`: the key belongs to another checkpoint.
+            `CheckpointError`: the folder is not an EE checkpoint.
+        """
+        folder = resolve_client_files(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        attn_impl = kwargs.pop("attn_implementation", None)
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        if attn_impl is not None:
+            config._attn_implementation = attn_impl
+        info = HSSEECheckpointInfo.from_config(config)
+        ee_key = EEKey.resolve(key)
+        ee_key.check(info.fingerprint)
+        base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if base is None:
+            raise CheckpointError(f"no causal-LM class for model_type {config.model_type!r}")
+        klass = type(f"HSSEE{base.__name__}", (cls, base), {"__module__": __name__})
+        with init_empty_weights():
+            model = klass(config)
+        transport = _make_transport(endpoints, transport, timeout)
+        try:
+            model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows)
+        except BaseException:
+            transport.close()
+            raise
+        gen_path = Path(folder) / "generation_config.json"
+        if gen_path.exists():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        logger.info(
+            "connected to share servers %s for checkpoint %s", ", ".join(transport.endpoints), short(info.fingerprint)
+        )
+        return model.eval()
+
+    def _hss_ee_attach(self, folder, config, info, ee_key, transport, max_rows) -> None:
+        folder = Path(folder)
+        with safe_open(str(folder / info.client_shard), "pt") as f:
+            client = {name: f.get_tensor(name).to(torch.float32) for name in f.keys()}
+        with safe_open(str(folder / info.scales_file), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != info.fingerprint:
+                raise CheckpointError(f"{info.scales_file} belongs to another checkpoint; convert the model again")
+            scales = {name: f.get_tensor(name) for name in f.keys()}
+        layout = stage_layout(config)
+        in_features = {}
+        stage_client = StageClient(transport, info, scales, in_features, max_rows=max_rows)
+        for stage in layout:
+            modules = [self.get_submodule(part.module) for part in stage.parts]
+            dims = [_linear_dims(m, part.conv1d) for m, part in zip(modules, stage.parts)]
+            in_features[stage.name] = dims[0][0]
+            fused = FusedStage(stage_client, stage.name, [d[1] for d in dims])
+            for i, (part, (d_in, d_out)) in enumerate(zip(stage.parts, dims)):
+                remote = RemoteLinear(fused, i, d_in, d_out, client.pop(part.bias, None))
+                if part.module == "lm_head":
+                    remote = UnpermutedHead(remote, ee_key.vocab_perm)
+                self.set_submodule(part.module, remote)
+        emb = self.get_input_embeddings()
+        emb_name = next(n for n, m in self.named_modules() if m is emb)
+        self.set_input_embeddings(PermutedEmbedding(client.pop(emb_name + ".weight"), ee_key.vocab_perm))
+        missing = self.load_state_dict(client, strict=False, assign=True)
+        if missing.unexpected_keys:
+            raise CheckpointError(f"unexpected client tensors {missing.unexpected_keys[:5]}; is this an EE checkpoint?")
+        left = [n for n, p in self.named_parameters() if p.is_meta] + [n for n, b in self.named_buffers() if b.is_meta]
+        if left:
+            raise CheckpointError(f"the client shard lacks {left[:5]}; the EE checkpoint is incomplete")
+        self.hss_ee_client, self.hss_ee_key, self.hss_ee_info = stage_client, ee_key, info
+
+    @property
+    def hss_ee_stats(self):
+        """Counters of round trips and bytes since the last `hss_ee_stats.reset()`."""
+        return self.hss_ee_client.stats
+
+    def close(self) -> None:
+        """Closes the connections to the share servers."""
+        self.hss_ee_client.transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def save_pretrained(self, *args, **kwargs):
+        raise HSSEEError(
+            "a client model holds only the client side of an EE checkpoint; share the EE checkpoint folder "
+            "itself (or `hss-ee push` it) and keep the key to yourself"
+        )
+
+
+def _linear_dims(module: torch.nn.Module, conv1d: bool) -> tuple[int, int]:
+    """`(in_features, out_features)` of an `nn.Linear` or GPT-2 `Conv1D` (weights may be on the meta device)."""
+    out_dim, in_dim = module.weight.shape
+    return (out_dim, in_dim) if conv1d else (in_dim, out_dim)

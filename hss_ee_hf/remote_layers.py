@@ -1,0 +1,87 @@
+"""Client-side modules that stand in for HF's weight-bearing layers (DESIGN.md §3).
+
+The client keeps the HF model's own attention, norms, cache and generation code. Only the linear
+layers are swapped: [`RemoteLinear`] sends its input to a stage on the share servers (parts of one
+stage, like q, k and v, share a single round trip through [`FusedStage`]), [`PermutedEmbedding`]
+maps original token ids through the key before looking up the EE table, and [`UnpermutedHead`]
+puts the EE logits back into the original vocabulary order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .protocol import StageClient
+
+
+class FusedStage:
+    """One stage whose output is split among several HF modules (q/k/v, gate/up).
+
+    The first module called with an input runs the stage; the others called with the very same
+    input tensor take their slice of that result instead of another round trip.
+    """
+
+    def __init__(self, client: StageClient, stage: str, widths: list[int]):
+        self.client, self.stage, self.widths = client, stage, widths
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
+
+    def output(self, part: int, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._input or part not in self._pending:
+            self._parts = self.client.run(self.stage, x).split(self.widths, dim=-1)
+            self._input, self._pending = x, set(range(len(self.widths)))
+        self._pending.discard(part)
+        out = self._parts[part]
+        if not self._pending:  # every part consumed: drop references to the activations
+            self._input, self._parts = None, ()
+        return out
+
+
+class RemoteLinear(nn.Module):
+    """A linear layer whose product runs on the share servers; the bias (if any) is added here.
+
+    Args:
+        fused (`FusedStage`): the stage this layer is a part of.
+        part (`int`): which slice of the stage output is this layer's.
+        in_features (`int`): input width.
+        out_features (`int`): output width.
+        bias (`torch.Tensor`, *optional*): the client-held bias.
+    """
+
+    def __init__(self, fused: FusedStage, part: int, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.fused, self.part = fused, part
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fused.output(self.part, x)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"stage={self.fused.stage!r}, part={self.part}, in={self.in_features}, out={self.out_features}"
+
+
+class PermutedEmbedding(nn.Embedding):
+    """The EE embedding table, looked up with original token ids mapped through the key's `pi`."""
+
+    def __init__(self, table: torch.Tensor, vocab_perm: torch.Tensor):
+        super().__init__(table.shape[0], table.shape[1], _weight=table, _freeze=True)
+        self.register_buffer("vocab_perm", vocab_perm.to(torch.long), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.vocab_perm[input_ids])
+
+
+class UnpermutedHead(nn.Module):
+    """The remote lm_head; returns logits in the original vocabulary order (`logits_ee[..., pi]`)."""
+
+    def __init__(self, remote: RemoteLinear, vocab_perm: torch.Tensor):
+        super().__init__()
+        self.remote = remote
+        self.register_buffer("vocab_perm", vocab_perm.to(torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.remote(x)[..., self.vocab_perm]
