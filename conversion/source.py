@@ -202,7 +202,9 @@ def open_source(
     if path.is_dir():
         return FolderSource(path)
     if path.exists():
-        raise ConversionError(f"{src} is a file but not a .gguf file; pass a checkpoint folder, a GGUF file or a Hub id")
+        raise ConversionError(
+            f"{src} is a file but not a .gguf file; pass a checkpoint folder, a GGUF file or a Hub id"
+        )
     try:
         folder = snapshot_download(str(src), revision=revision, cache_dir=cache_dir, local_files_only=True)
     except (LocalEntryNotFoundError, ValueError) as err:

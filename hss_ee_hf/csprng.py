@@ -57,7 +57,11 @@ class ChaChaStream:
         """Uniform elements of Z_2^64 (as `torch.int64`) of the given shape."""
         n = math.prod(shape)
         buf = bytearray(self.bytes(8 * n))
-        return torch.frombuffer(buf, dtype=torch.int64, count=n).reshape(shape) if n else torch.empty(shape, dtype=torch.int64)
+        return (
+            torch.frombuffer(buf, dtype=torch.int64, count=n).reshape(shape)
+            if n
+            else torch.empty(shape, dtype=torch.int64)
+        )
 
     def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Uniform float64 values in the open interval (0, 1), 53 random bits each."""

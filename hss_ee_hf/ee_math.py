@@ -73,7 +73,9 @@ class AttentionTransform:
 
     @classmethod
     def draw(cls, rng: ChaChaStream, num_heads: int, num_groups: int, head_dim: int, rope: bool) -> AttentionTransform:
-        rotation = [rope_commuting_rotation(rng, head_dim) if rope else rng.orthogonal(head_dim) for _ in range(num_groups)]
+        rotation = [
+            rope_commuting_rotation(rng, head_dim) if rope else rng.orthogonal(head_dim) for _ in range(num_groups)
+        ]
         mixing = [rng.orthogonal(head_dim) for _ in range(num_groups)]
         group_perm = rng.permutation(num_groups)
         rep = num_heads // num_groups

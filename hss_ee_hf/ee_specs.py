@@ -235,7 +235,7 @@ class GPT2Spec(EESpec):
         if kind == "attn.c_attn.weight":
             w, b = self._fold(name, w, b.squeeze(1), small, prefix + "ln_1")
             b = b.unsqueeze(1)
-            q, k, v = (torch.cat(p, dim=1) for p in zip(w.chunk(3, dim=0), b.chunk(3, dim=0)))
+            q, k, v = (torch.cat(p, dim=1) for p in zip(w.chunk(3, dim=0), b.chunk(3, dim=0), strict=False))
             lin = torch.cat([attn.query(q), attn.key(k), attn.value(v)], dim=0)
         elif kind == "attn.c_proj.weight":
             lin = self.output_side(torch.cat([attn.output(w.T), b], dim=1))

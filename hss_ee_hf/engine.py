@@ -104,9 +104,7 @@ class StageEngine:
         self.weights: dict[str, RingWeight] = {}
         for stage, w_int, _ in iter_stage_weights(folder, self.config, self.info.ring, progress=progress):
             self.weights[stage.name] = RingWeight(w_int, device=self.device)
-        logger.info(
-            "loaded %d stages of checkpoint %s on %s", len(self.weights), short(self.fingerprint), self.device
-        )
+        logger.info("loaded %d stages of checkpoint %s on %s", len(self.weights), short(self.fingerprint), self.device)
 
     @property
     def fingerprint(self) -> str:

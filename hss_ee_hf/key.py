@@ -6,6 +6,7 @@ permutation) with JSON metadata, written atomically with mode 0600, never inside
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,16 @@ from .checkpoint import FORMAT_VERSION, short
 from .errors import KeyFileError, KeyMismatchError
 
 KEY_KIND = "hss-ee-key"
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (8-byte little-endian header length, then JSON)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a mapping")
+    return meta
 
 
 @dataclass(frozen=True)
@@ -106,18 +117,20 @@ class EEKey:
             raise KeyFileError(f"cannot read key file {path}: {err.strerror}") from err
         try:
             tensors = st_load(data)
-            import safetensors
-
-            with safetensors.safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, ValueError) as err:
-            raise KeyFileError(f"{path} is not an hss-ee key file (not valid safetensors)") from err
+            meta = _metadata(data)
+            version = int(meta.get("format_version", "0"))
+        except (SafetensorError, ValueError, KeyError, TypeError) as err:
+            raise KeyFileError(f"{path} is not an hss-ee key file (malformed safetensors or metadata)") from err
         perm = tensors.get("vocab_perm")
         if meta.get("kind") != KEY_KIND or perm is None or "fingerprint" not in meta:
             raise KeyFileError(f"{path} is not an hss-ee key file")
-        if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
-            raise KeyFileError(f"{path} is corrupted: its vocabulary permutation is not a permutation")
-        return cls(vocab_perm=perm, fingerprint=meta["fingerprint"], format_version=int(meta.get("format_version", 0)))
+        if (
+            perm.dtype != torch.int64
+            or perm.dim() != 1
+            or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel()))
+        ):
+            raise KeyFileError(f"{path} is corrupted: its vocabulary permutation is not an int64 permutation")
+        return cls(vocab_perm=perm, fingerprint=meta["fingerprint"], format_version=version)
 
     @classmethod
     def resolve(cls, key: EEKey | str | os.PathLike) -> EEKey:

@@ -152,10 +152,10 @@ class HSSEEForCausalLM:
         stage_client = StageClient(transport, info, scales, in_features, max_rows=max_rows)
         for stage in layout:
             modules = [self.get_submodule(part.module) for part in stage.parts]
-            dims = [_linear_dims(m, part.conv1d) for m, part in zip(modules, stage.parts)]
+            dims = [_linear_dims(m, part.conv1d) for m, part in zip(modules, stage.parts, strict=False)]
             in_features[stage.name] = dims[0][0]
             fused = FusedStage(stage_client, stage.name, [d[1] for d in dims])
-            for i, (part, (d_in, d_out)) in enumerate(zip(stage.parts, dims)):
+            for i, (part, (d_in, d_out)) in enumerate(zip(stage.parts, dims, strict=False)):
                 remote = RemoteLinear(fused, i, d_in, d_out, client.pop(part.bias, None))
                 if part.module == "lm_head":
                     remote = UnpermutedHead(remote, ee_key.vocab_perm)
@@ -165,7 +165,9 @@ class HSSEEForCausalLM:
         self.set_input_embeddings(PermutedEmbedding(client.pop(emb_name + ".weight"), ee_key.vocab_perm))
         missing = self.load_state_dict(client, strict=False, assign=True)
         if missing.unexpected_keys:
-            raise CheckpointError(f"unexpected client tensors {missing.unexpected_keys[:5]}; is this an EE checkpoint?")
+            raise CheckpointError(
+                f"unexpected client tensors {missing.unexpected_keys[:5]}; is this an EE checkpoint?"
+            )
         left = [n for n, p in self.named_parameters() if p.is_meta] + [n for n, b in self.named_buffers() if b.is_meta]
         if left:
             raise CheckpointError(f"the client shard lacks {left[:5]}; the EE checkpoint is incomplete")

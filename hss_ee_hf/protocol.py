@@ -90,7 +90,9 @@ class StageClient:
         if x.shape[-1] != in_features:
             raise ValueError(f"stage {stage} takes {in_features} features, got shape {tuple(x.shape)}")
         rows = x.reshape(-1, in_features)
-        outs = [self._run_rows(stage, rows[i : i + self.max_rows], scale) for i in range(0, rows.shape[0], self.max_rows)]
+        outs = [
+            self._run_rows(stage, rows[i : i + self.max_rows], scale) for i in range(0, rows.shape[0], self.max_rows)
+        ]
         y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         return y.to(x.dtype).reshape(*x.shape[:-1], scale.numel())
 

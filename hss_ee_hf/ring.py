@@ -95,6 +95,8 @@ def encode(x: torch.Tensor, config: RingConfig, in_features: int | None = None) 
         `RingOverflowError`: a value is not finite or its magnitude reaches `config.activation_limit`.
     """
     x = x.detach().to(torch.float64)
+    if in_features is None and x.dim() == 0:
+        raise ValueError("encode needs in_features for a 0-d tensor (the stage width bounds the values)")
     limit = config.activation_limit(in_features or x.shape[-1])
     peak = x.abs().max().item() if x.numel() else 0.0
     if not peak < limit:  # also true for NaN

@@ -32,7 +32,9 @@ class Transport(ABC):
     endpoints: tuple[str, str]
 
     @abstractmethod
-    def run_stage(self, fingerprint: str, stage: str, shares: Shares, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_stage(
+        self, fingerprint: str, stage: str, shares: Shares, out_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs one stage on both servers.
 
         Args:
@@ -48,7 +50,7 @@ class Transport(ABC):
             `TransportError`: naming the endpoint that failed.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases connections and threads."""
 
     def __enter__(self):

@@ -1,0 +1,217 @@
+"""The `hss-ee` command line: convert, serve, generate, push and demo.
+
+Each subcommand is a small class that adds its arguments and runs; `hss-ee COMMAND --help`
+explains every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import HSSEEError
+
+logger = logging.getLogger("hss_ee_hf")
+
+
+class Command:
+    """A subcommand: `name`, `help`, `add_arguments` and `run`."""
+
+    name = ""
+    help = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+class ConvertCommand(Command):
+    name = "convert"
+    help = "Convert a Hugging Face model into an EE checkpoint and a secret key."
+
+    def add_arguments(self, p):
+        p.add_argument(
+            "src", help="source model: a local HF folder, a .gguf file, or a Hub id already in the local cache"
+        )
+        p.add_argument("out", help="output folder for the EE checkpoint (public: copy it to both servers)")
+        p.add_argument("--key", required=True, help="path of the secret key file to write (mode 0600, outside OUT)")
+        p.add_argument("--gguf-file", help="GGUF file name inside the folder SRC (transformers' gguf_file)")
+        p.add_argument("--revision", help="Hub revision when SRC is a Hub id")
+        p.add_argument("--cache-dir", help="Hub cache folder when SRC is a Hub id")
+        p.add_argument("--force", action="store_true", help="overwrite an existing OUT folder and key file")
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip the equivariance check (only when the model does not fit in memory twice)",
+        )
+        p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits f (default 16)")
+        p.add_argument("--weight-bits", type=int, default=16, help="bits of the integer weights (default 16)")
+
+    def run(self, args):
+        from hss_ee_conversion import convert
+
+        from .ring import RingConfig
+
+        result = convert(
+            args.src,
+            args.out,
+            args.key,
+            gguf_file=args.gguf_file,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            force=args.force,
+            verify=not args.no_verify,
+            ring=RingConfig(frac_bits=args.frac_bits, weight_bits=args.weight_bits),
+        )
+        print(f"EE checkpoint: {result.output}")
+        print(f"secret key:    {result.key_path} (keep it; never copy it to a server)")
+        print(f"fingerprint:   {result.fingerprint}")
+        if result.max_abs_logit_diff is not None:
+            print(
+                f"equivariance:  max |dlogit| = {result.max_abs_logit_diff:.3g} (relative {result.max_rel_logit_diff:.3g})"
+            )
+        print(f"time:          {result.seconds:.1f} s")
+        return 0
+
+
+class ServeCommand(Command):
+    name = "serve"
+    help = "Serve an EE checkpoint as one of the two share servers (gRPC)."
+
+    def add_arguments(self, p):
+        p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (server weights are downloaded)")
+        p.add_argument("--port", type=int, default=50051, help="TCP port to listen on (default 50051; 0 picks one)")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+        p.add_argument(
+            "--device", default="cpu", help="where the weights live: cpu, cuda, cuda:N or auto (default cpu)"
+        )
+        p.add_argument(
+            "--max-rows",
+            type=int,
+            default=None,
+            help="most rows (tokens) one request may carry (default: 8192, or fewer if the widest stage needs it)",
+        )
+        p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+        p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
+
+    def run(self, args):
+        from .hub import resolve_server_files
+        from .server import serve
+
+        folder = resolve_server_files(args.checkpoint, revision=args.revision)
+        serve(
+            folder,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            max_rows=args.max_rows,
+            max_workers=args.workers,
+        )
+        return 0
+
+
+class GenerateCommand(Command):
+    name = "generate"
+    help = "Generate text privately through two share servers, streaming tokens to stdout."
+
+    def add_arguments(self, p):
+        p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
+        p.add_argument("prompt", help="the prompt (with --chat: the user message)")
+        p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
+        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+        p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the chat template")
+        p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+        p.add_argument("--top-k", type=int, default=50, help="top-k filtering (with --do-sample)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering (with --do-sample)")
+        p.add_argument("--seed", type=int, help="sampling seed (with --do-sample)")
+        p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+
+    def run(self, args):
+        import torch
+        from transformers import AutoTokenizer, TextStreamer
+
+        from .modeling import HSSEEForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(str(args.checkpoint))
+        with HSSEEForCausalLM.from_pretrained(
+            args.checkpoint, key=args.key, endpoints=args.endpoints, timeout=args.timeout
+        ) as model:
+            if args.chat:
+                messages = [{"role": "user", "content": args.prompt}]
+                inputs = tok.apply_chat_template(
+                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+            else:
+                inputs = tok(args.prompt, return_tensors="pt")
+            if args.seed is not None:
+                torch.manual_seed(args.seed)  # HF sampling draws from torch's generator; nothing secret
+            sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else {}
+            model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.do_sample,
+                streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                **sampling,
+            )
+        return 0
+
+
+class DemoCommand(Command):
+    name = "demo"
+    help = "Convert the bundled SmolLM2, start two local share servers and compare private with plaintext generation."
+
+    def add_arguments(self, p):
+        p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per prompt (default 32)")
+        p.add_argument("--cache-dir", help="where the converted demo model and its key are kept (default: user cache)")
+        p.add_argument("--reconvert", action="store_true", help="convert again even if a cached conversion exists")
+
+    def run(self, args):
+        from .demo import run_demo
+
+        return run_demo(max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir, reconvert=args.reconvert)
+
+
+COMMANDS: tuple[type[Command], ...] = (ConvertCommand, ServeCommand, GenerateCommand, DemoCommand)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hss-ee",
+        description="Private inference for Hugging Face models on two non-colluding share servers (HSS + EE).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (never secrets)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command_cls in COMMANDS:
+        command = command_cls()
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(handler=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hss-ee` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("hss_ee_hf").setLevel(logging.INFO)
+    logging.getLogger("hss_ee_conversion").setLevel(logging.INFO)
+    try:
+        return args.handler.run(args)
+    except HSSEEError as err:
+        print(f"hss-ee {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hss-ee {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
