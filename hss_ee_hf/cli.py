@@ -70,9 +70,8 @@ class ConvertCommand(Command):
         print(f"secret key:    {result.key_path} (keep it; never copy it to a server)")
         print(f"fingerprint:   {result.fingerprint}")
         if result.max_abs_logit_diff is not None:
-            print(
-                f"equivariance:  max |dlogit| = {result.max_abs_logit_diff:.3g} (relative {result.max_rel_logit_diff:.3g})"
-            )
+            rel = result.max_rel_logit_diff
+            print(f"equivariance:  max |dlogit| = {result.max_abs_logit_diff:.3g} (relative {rel:.3g})")
         print(f"time:          {result.seconds:.1f} s")
         return 0
 
