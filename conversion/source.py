@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,7 +141,10 @@ class FolderSource(ModelSource):
             return None
 
     def load_model(self):
-        return AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32).eval()
+        from .verify import load_bounded
+
+        self._offload = tempfile.TemporaryDirectory(prefix=".hss-ee-offload-")
+        return load_bounded(self.folder, Path(self._offload.name))
 
 
 class GGUFSource(ModelSource):

@@ -2,12 +2,15 @@
 
 It loads the original and the freshly written EE checkpoint (through plain
 `AutoModelForCausalLM.from_pretrained`, which also proves the files load) and compares
-`logits_EE(pi(ids))[..., pi]` with `logits(ids)` on random token ids.
+`logits_EE(pi(ids))[..., pi]` with `logits(ids)` on random token ids. Models larger than
+`memory_bytes` are run with accelerate's disk offload (layers are loaded one at a time), so
+verification does not need the model in memory twice.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +30,20 @@ def random_token_ids(vocab_size: int, batch: int = 2, length: int = 16) -> torch
     return torch.remainder(words, vocab_size)
 
 
+VERIFY_MEMORY_BYTES = 1024**3
+
+
+def load_bounded(folder: Path, offload_dir: Path, memory_bytes: int = VERIFY_MEMORY_BYTES):
+    """`from_pretrained` in float32 holding at most about `memory_bytes` of weights in memory (rest offloaded)."""
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        device_map="auto",
+        max_memory={"cpu": memory_bytes},
+        offload_folder=str(offload_dir),
+    ).eval()
+
+
 @torch.no_grad()
 def verify_equivariance(
     source: ModelSource, ee_folder: Path, vocab_perm: torch.Tensor, tolerance: float
@@ -43,9 +60,10 @@ def verify_equivariance(
     ids = random_token_ids(source.config.vocab_size)
     reference = original(ids).logits.to(torch.float64)
     del original
-    ee_model = AutoModelForCausalLM.from_pretrained(ee_folder, dtype=torch.float32).eval()
-    ee_logits = ee_model(vocab_perm[ids]).logits[..., vocab_perm].to(torch.float64)
-    del ee_model
+    with tempfile.TemporaryDirectory(prefix=".hss-ee-offload-", dir=ee_folder.parent) as offload:
+        ee_model = load_bounded(ee_folder, Path(offload))
+        ee_logits = ee_model(vocab_perm[ids]).logits[..., vocab_perm].to(torch.float64)
+        del ee_model
     max_abs = (ee_logits - reference).abs().max().item()
     max_rel = max_abs / max(reference.abs().max().item(), 1e-12)
     logger.info("equivariance check: max |dlogit| = %.3g (relative %.3g)", max_abs, max_rel)

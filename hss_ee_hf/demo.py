@@ -77,8 +77,15 @@ def ensure_converted(cache_dir: Path, reconvert: bool = False) -> tuple[Path, Pa
 
 
 @contextmanager
-def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0):
-    """Starts `count` share servers as subprocesses on free loopback ports; yields their endpoints."""
+def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extra_args: list[str] | None = None):
+    """Starts `count` share servers as subprocesses on free loopback ports; yields their endpoints.
+
+    Args:
+        checkpoint (`Path`): the EE checkpoint folder both servers load.
+        count (`int`, *optional*): how many servers.
+        timeout (`float`, *optional*): seconds to wait for them to answer.
+        extra_args (`list[str]`, *optional*): more `hss-ee serve` flags (e.g. `["--device", "cuda"]`).
+    """
     from .grpc_transport import GrpcTransport
 
     procs, endpoints, logs = [], [], []
@@ -86,6 +93,7 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0):
         for _ in range(count):
             port = free_port()
             cmd = [sys.executable, "-m", "hss_ee_hf.cli", "serve", str(checkpoint), "--port", str(port)]
+            cmd += extra_args or []
             logs.append(tempfile.TemporaryFile())  # a file, not a pipe: a full pipe would block the server
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[-1]))
             endpoints.append(f"127.0.0.1:{port}")

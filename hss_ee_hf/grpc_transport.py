@@ -1,11 +1,19 @@
 """The network transport: two `hss-ee serve` processes reached over gRPC (DESIGN.md §7).
 
 [`GrpcTransport`] keeps one channel per server and sends each stage to both at once: party A gets the
-32-byte seed of its share, party B its share bytes. Every gRPC failure becomes a [`TransportError`] that
-names the server and says what to do.
+32-byte seed of its share, party B its share bytes. Every call has a deadline; a server that answers
+`UNAVAILABLE` (restarting, briefly unreachable) is retried with exponential backoff, which is safe because
+stage calls are stateless and idempotent. TLS, mutual TLS and bearer tokens come from an
+[`HSSEEClientConfig`]. Every gRPC failure that remains becomes a [`TransportError`] that names the server
+and says what to do.
 """
 
 from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 import torch
@@ -14,12 +22,19 @@ from .checkpoint import short
 from .engine import PROTOCOL_VERSION
 from .errors import TransportError
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+from .security import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
 from .sharing import Shares
 from .transport import Transport, bytes_to_share
 
-DEFAULT_TIMEOUT = 60.0
+logger = logging.getLogger(__name__)
+
 # The largest message gRPC can carry; servers enforce their own, tighter limit.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+# Only a server that did not take the call is retried; every other status is an answer.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# gRPC's own reconnect backoff starts at 1 s; a retry sooner than that would fail at once on a channel that
+# is still waiting to reconnect, so the channel's schedule follows the retry schedule (never below this).
+_MIN_RECONNECT_BACKOFF_MS = 20
 
 _ADVICE = {
     "INVALID_ARGUMENT": "the server refused the request as malformed; run the same hss-ee-hf version on client and "
@@ -28,7 +43,8 @@ _ADVICE = {
     "RESOURCE_EXHAUSTED": "send fewer rows per request (the server's limit is `describe()[i]['max_rows']`) or start "
     "the server with a higher `--max-rows`",
     "DEADLINE_EXCEEDED": "the server did not answer in time; it may be overloaded, or raise the transport's `timeout`",
-    "UNAUTHENTICATED": "pass the credentials the server requires",
+    "UNAUTHENTICATED": "pass the bearer token the server was started with (`HSSEEClientConfig(token_file=...)`, "
+    "`--token-file` or the HSS_EE_TOKEN environment variable)",
     "PERMISSION_DENIED": "pass the credentials the server requires",
     "UNIMPLEMENTED": "the endpoint is not an hss-ee share server, or runs an incompatible hss-ee-hf version",
     "INTERNAL": "the server failed while computing; its log names the cause",
@@ -36,19 +52,48 @@ _ADVICE = {
 }
 
 
-def _rpc_error(endpoint: str, err: grpc.RpcError) -> TransportError:
+def _unavailable_advice(endpoint: str, config: HSSEEClientConfig, details: str) -> str:
+    """What to do about an `UNAVAILABLE` reply, told apart by what gRPC reports about the connection."""
+    if "WRONG_VERSION_NUMBER" in details:
+        return (
+            f"the server at {endpoint} does not speak TLS; start it with `--tls-cert` and `--tls-key`, or connect "
+            "without TLS (only on a trusted network)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in details or "Peer name" in details or "peer name" in details:
+        return (
+            f"the certificate of {endpoint} is not signed by the CA this client trusts (`--tls-ca`) or does not "
+            "name this host; pass the CA that signed it, or `--tls-server-name` with the name in its SAN"
+        )
+    if "Socket closed" in details or "Connection reset" in details:
+        if config.uses_tls:
+            return (
+                f"{endpoint} closed the connection during the TLS handshake: it probably requires a client "
+                "certificate (mutual TLS); pass `--tls-cert` and `--tls-key` signed by the CA it trusts "
+                "(`HSSEEClientConfig(tls_client_cert=..., tls_client_key=...)`)"
+            )
+        return (
+            f"{endpoint} closed the plaintext connection at once: it probably requires TLS; pass the CA that "
+            "signed its certificate (`HSSEEClientConfig(tls_ca_cert=...)`, `--tls-ca`) and connect without TLS "
+            "only to a server started without `--tls-cert`"
+        )
+    return (
+        f"the server at {endpoint} is not reachable; start it with `hss-ee serve CHECKPOINT --port PORT` "
+        "and check the host, port and firewall"
+        + (" (and that it uses TLS, as this client does)" if config.uses_tls else "")
+    )
+
+
+def _rpc_error(endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, attempts: int = 1) -> TransportError:
     """Turns a failed call into a `TransportError` naming `endpoint`, the status and what to do."""
     code = err.code() if isinstance(err, grpc.Call) else None
     details = err.details() if isinstance(err, grpc.Call) else None
     name = code.name if code is not None else "UNKNOWN"
     if name == "UNAVAILABLE":
-        advice = (
-            f"the server at {endpoint} is not reachable; start it with `hss-ee serve CHECKPOINT --port PORT` "
-            "and check the host, port and firewall"
-        )
+        advice = _unavailable_advice(endpoint, config, details or "")
     else:
         advice = _ADVICE.get(name, "check the server's log")
-    return TransportError(endpoint, f"{name}: {details or 'no details'}; {advice}")
+    tried = f" (after {attempts} attempts)" if attempts > 1 else ""
+    return TransportError(endpoint, f"{name}{tried}: {details or 'no details'}; {advice}")
 
 
 class GrpcTransport(Transport):
@@ -56,47 +101,116 @@ class GrpcTransport(Transport):
 
     Args:
         endpoints (`tuple[str, str]`): `host:port` of party A and party B.
-        timeout (`float`, *optional*, defaults to 60.0): seconds one call may take before it fails with
-            `DEADLINE_EXCEEDED`.
-        max_message_bytes (`int`, *optional*): send/receive limit of the channels. Defaults to the largest
-            message gRPC can carry (2 GiB - 1); each server enforces its own limit.
+        timeout (`float`, *optional*): seconds one call (one attempt) may take before it fails with
+            `DEADLINE_EXCEEDED`. Defaults to `config.timeout` (60.0).
+        max_message_bytes (`int`, *optional*): send/receive limit of the channels. Defaults to
+            `config.max_message_bytes`, else the largest message gRPC can carry (2 GiB - 1); each server
+            enforces its own limit.
+        config (`HSSEEClientConfig`, *optional*): TLS, mutual TLS, bearer token, deadline and retries.
+            Plaintext, no token, 4 retries from 0.1 s when omitted. `timeout` and `max_message_bytes`, when
+            given, override the config's.
 
     Example:
 
     ```python
     >>> from hss_ee_hf.grpc_transport import GrpcTransport
-    >>> with GrpcTransport(("10.0.0.1:50051", "10.0.0.2:50051")) as transport:
+    >>> from hss_ee_hf.security import HSSEEClientConfig
+    >>> config = HSSEEClientConfig(tls_ca_cert="ca.pem", token_file="token.txt")
+    >>> with GrpcTransport(("10.0.0.1:50051", "10.0.0.2:50051"), config=config) as transport:
     ...     transport.check_fingerprint(fingerprint)
     ...     y_a, y_b = transport.run_stage(fingerprint, "layers.0.qkv", shares, out_features=576)
     ```
     """
 
     def __init__(
-        self, endpoints: tuple[str, str], timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int | None = None
+        self,
+        endpoints: tuple[str, str],
+        timeout: float | None = None,
+        max_message_bytes: int | None = None,
+        config: HSSEEClientConfig | None = None,
     ):
         if isinstance(endpoints, str) or len(endpoints) != 2 or not all(isinstance(e, str) and e for e in endpoints):
             raise ValueError(f"endpoints must be two 'host:port' strings (party A, party B), got {endpoints!r}")
+        config = config if config is not None else HSSEEClientConfig()
+        timeout = config.timeout if timeout is None else timeout
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if max_message_bytes is None:
+            max_message_bytes = config.max_message_bytes
         limit = GRPC_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes
         if not 0 < limit <= GRPC_MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must be in (0, {GRPC_MAX_MESSAGE_BYTES}], got {limit}")
         self.endpoints = (endpoints[0], endpoints[1])
         self.timeout = timeout
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-        self._channels = tuple(grpc.insecure_channel(endpoint, options=options) for endpoint in self.endpoints)
+        self.config = config
+        self.retried = 0  # retry attempts made so far (observability; tests read it)
+        config.check_endpoints(self.endpoints)
+        credentials = config.channel_credentials()
+        initial_ms = max(_MIN_RECONNECT_BACKOFF_MS, int(config.initial_backoff * 1000))
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.initial_reconnect_backoff_ms", initial_ms),
+            ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.max_backoff * 1000))),
+            *config.channel_options(),
+        ]
+        if credentials is None:
+            self._channels = tuple(grpc.insecure_channel(e, options=options) for e in self.endpoints)
+        else:
+            self._channels = tuple(grpc.secure_channel(e, credentials, options=options) for e in self.endpoints)
         self._stubs = tuple(hss_ee_pb2_grpc.ShareServerStub(channel) for channel in self._channels)
+        self._metadata = config.call_metadata()
+        self._jitter = random.Random()  # retry jitter only; nothing secret comes from it
 
-    def _gather(self, futures: list[grpc.Future]) -> list:
-        """Waits for one call per party; on a failure cancels the other call and raises for the first failure."""
+    def __repr__(self) -> str:
+        return f"GrpcTransport(endpoints={self.endpoints}, config={self.config!r})"
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry `attempt` (0-based): exponential, capped, with +-20 % jitter."""
+        c = self.config
+        base = min(c.max_backoff, c.initial_backoff * c.backoff_multiplier**attempt)
+        return base * (0.8 + 0.4 * self._jitter.random())
+
+    def _call_both(self, method: str, requests: Sequence) -> list:
+        """Sends one request per party at once and waits for both, retrying a party that is `UNAVAILABLE`.
+
+        On a failure that remains, the other call is cancelled and a `TransportError` names the failed server.
+        """
+        calls: list[Callable] = [getattr(stub, method) for stub in self._stubs]
+        futures = [
+            call.future(request, timeout=self.timeout, metadata=self._metadata)
+            for call, request in zip(calls, requests, strict=True)
+        ]
         results = []
-        for party, future in enumerate(futures):
-            try:
-                results.append(future.result())
-            except grpc.RpcError as err:
-                for other in futures:
-                    other.cancel()
-                raise _rpc_error(self.endpoints[party], err) from err
+        for party, endpoint in enumerate(self.endpoints):
+            attempt = 0
+            while True:
+                try:
+                    results.append(futures[party].result())
+                    break
+                except grpc.RpcError as err:
+                    code = err.code() if isinstance(err, grpc.Call) else None
+                    if code in RETRYABLE_CODES and attempt < self.config.retries:
+                        delay = self._backoff(attempt)
+                        attempt += 1
+                        self.retried += 1
+                        logger.debug(
+                            "%s on %s: %s, retry %d/%d in %.3f s",
+                            method,
+                            endpoint,
+                            code.name,
+                            attempt,
+                            self.config.retries,
+                            delay,
+                        )
+                        time.sleep(delay)
+                        futures[party] = calls[party].future(
+                            requests[party], timeout=self.timeout, metadata=self._metadata
+                        )
+                        continue
+                    for other in futures:
+                        other.cancel()
+                    raise _rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
         return results
 
     def run_stage(
@@ -105,7 +219,8 @@ class GrpcTransport(Transport):
         """Runs one stage on both servers; see [`Transport.run_stage`].
 
         Raises:
-            `TransportError`: naming the server that failed or answered with a reply of the wrong size.
+            `TransportError`: naming the server that failed (after the configured retries of an unavailable
+                one) or answered with a reply of the wrong size.
         """
         rows = shares.b.shape[0]
         common = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "stage": stage, "rows": rows}
@@ -113,11 +228,7 @@ class GrpcTransport(Transport):
             hss_ee_pb2.StageRequest(seed=shares.seed, **common),
             hss_ee_pb2.StageRequest(share=shares.b.numpy().tobytes(), **common),
         )
-        futures = [
-            stub.Stage.future(request, timeout=self.timeout)
-            for stub, request in zip(self._stubs, requests, strict=True)
-        ]
-        replies = self._gather(futures)
+        replies = self._call_both("Stage", requests)
         y_a, y_b = (
             bytes_to_share(reply.share, rows, out_features, endpoint)
             for reply, endpoint in zip(replies, self.endpoints, strict=True)
@@ -134,8 +245,7 @@ class GrpcTransport(Transport):
         Raises:
             `TransportError`: naming the server that could not be asked.
         """
-        futures = [stub.Describe.future(hss_ee_pb2.DescribeRequest(), timeout=self.timeout) for stub in self._stubs]
-        replies = self._gather(futures)
+        replies = self._call_both("Describe", (hss_ee_pb2.DescribeRequest(), hss_ee_pb2.DescribeRequest()))
         return tuple(
             {
                 "endpoint": endpoint,

@@ -28,7 +28,10 @@ class StageStats:
         rows (`int`): input rows sent.
         bytes_sent (`int`): payload bytes sent to both servers together.
         bytes_received (`int`): payload bytes received from both servers together.
-        seconds (`float`): wall time spent inside stage calls (network + server compute).
+        seconds (`float`): wall time spent inside stage calls, all of the below together.
+        share_seconds (`float`): encoding and sharing (client-side cryptography).
+        wait_seconds (`float`): waiting for the two servers (network, (de)serialisation, server compute).
+        decode_seconds (`float`): reconstruction and decoding.
     """
 
     round_trips: int = 0
@@ -36,11 +39,14 @@ class StageStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    share_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    decode_seconds: float = 0.0
     per_stage: dict[str, int] = field(default_factory=dict, repr=False)
 
     def reset(self) -> None:
         self.round_trips = self.rows = self.bytes_sent = self.bytes_received = 0
-        self.seconds = 0.0
+        self.seconds = self.share_seconds = self.wait_seconds = self.decode_seconds = 0.0
         self.per_stage.clear()
 
 
@@ -99,9 +105,14 @@ class StageClient:
     def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         shares = share(encode(x, self.info.ring, x.shape[-1]))
+        shared = time.perf_counter()
         y_a, y_b = self.transport.run_stage(self.info.fingerprint, stage, shares, scale.numel())
+        received = time.perf_counter()
         y = decode_output(reconstruct(y_a, y_b), scale, x.shape[-1], self.info.ring)
         st = self.stats
+        st.share_seconds += shared - start
+        st.wait_seconds += received - shared
+        st.decode_seconds += time.perf_counter() - received
         st.round_trips += 1
         st.rows += x.shape[0]
         st.bytes_sent += len(shares.seed) + shares.b.numel() * 8

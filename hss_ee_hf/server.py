@@ -2,9 +2,11 @@
 
 One process is one party (A or B). It answers `ShareServer.Stage` with its output share and
 `ShareServer.Describe` with what it serves, exposes the standard gRPC health service, and keeps no
-state between requests. Every request is validated by the engine before any compute; a refused
-request gets the matching gRPC status and the server keeps serving. Payloads (shares and seeds) are
-never logged and never echoed in a status message.
+state between requests. Every request is validated before any compute: a body that is not a valid
+protobuf is refused here, everything else by the engine; a refused request gets the matching gRPC
+status and the server keeps serving. TLS, mutual TLS and bearer tokens come from an
+[`HSSEEServerSecurity`]. Payloads (shares and seeds) are never logged and never echoed in a status
+message.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import os
 import signal
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .checkpoint import short
 from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
 from .errors import HSSEEError, StageRequestError
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+from .security import HSSEEServerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,31 @@ MESSAGE_HEADROOM_BYTES = 1 << 16
 # Status details travel in HTTP/2 trailers; keep them short whatever a client sent.
 _MAX_DETAILS_CHARS = 1024
 _INTERNAL_DETAILS = "internal server error; the request was not computed. The server log names the cause"
+
+
+class _Undecodable:
+    """Stands in for a request body that is not a valid protobuf of the method's message type."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+    """A request deserializer that never raises, so a garbage body gets `INVALID_ARGUMENT`, not `INTERNAL`."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | _Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return _Undecodable(
+                f"the request body ({len(data)} bytes) is not a valid {name} protobuf; "
+                "use an hss-ee-hf client of the server's version"
+            )
+
+    return parse
 
 
 class ShareServerError(HSSEEError, RuntimeError):
@@ -80,8 +109,8 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
     Example:
 
     ```python
-    >>> servicer = ShareServicer(StageEngine("smollm2-ee"))
-    >>> hss_ee_pb2_grpc.add_ShareServerServicer_to_server(servicer, grpc_server)
+    >>> # `start_server` registers it with a parser that turns an undecodable body into INVALID_ARGUMENT
+    >>> server, port = start_server(StageEngine("smollm2-ee"), port=0)
     ```
     """
 
@@ -90,6 +119,9 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
 
     def Stage(self, request: hss_ee_pb2.StageRequest, context: grpc.ServicerContext) -> hss_ee_pb2.StageReply:
         """Validates one request and returns this server's output share (or aborts with the matching status)."""
+        if isinstance(request, _Undecodable):
+            logger.info("refused a stage request (INVALID_ARGUMENT): undecodable body")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         which = request.WhichOneof("input")
         try:
             out = self.engine.compute(
@@ -117,6 +149,8 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
 
     def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
         """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         stages = [
             hss_ee_pb2.StageInfo(name=name, in_features=in_f, out_features=out_f)
             for name, (in_f, out_f) in self.engine.describe().items()
@@ -129,6 +163,25 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
         )
 
 
+def _share_server_handler(servicer: ShareServicer) -> grpc.GenericRpcHandler:
+    """The `ShareServer` service with lenient request parsing (the generated registration raises on garbage)."""
+    methods = {
+        "Stage": (servicer.Stage, hss_ee_pb2.StageRequest, hss_ee_pb2.StageReply),
+        "Describe": (servicer.Describe, hss_ee_pb2.DescribeRequest, hss_ee_pb2.DescribeReply),
+    }
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=_lenient_parser(request_type),
+                response_serializer=reply_type.SerializeToString,
+            )
+            for name, (behaviour, request_type, reply_type) in methods.items()
+        },
+    )
+
+
 def _address(host: str, port: int) -> str:
     """`host:port`, with IPv6 literals bracketed."""
     if ":" in host and not host.startswith("["):
@@ -137,11 +190,20 @@ def _address(host: str, port: int) -> str:
 
 
 def _start(
-    engine: StageEngine, host: str, port: int, max_workers: int
+    engine: StageEngine,
+    host: str,
+    port: int,
+    max_workers: int,
+    security: HSSEEServerSecurity | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     limit = message_limit(engine)
+    # Read the PEM files before binding, so a bad path fails without a half-started server.
+    credentials = security.server_credentials() if security is not None else None
+    chain = list(security.interceptors() if security is not None else []) + list(interceptors)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hss-ee-serve"),
+        interceptors=chain or None,
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
@@ -149,12 +211,15 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
     )
-    hss_ee_pb2_grpc.add_ShareServerServicer_to_server(ShareServicer(engine), server)
+    server.add_generic_rpc_handlers((_share_server_handler(ShareServicer(engine)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as err:  # grpcio raises RuntimeError when it cannot bind
         raise ShareServerError(
             f"cannot listen on {address}: {err}; choose another port (`--port`) or stop the process using it"
@@ -164,9 +229,19 @@ def _start(
             f"cannot listen on {address}; choose another port (`--port`) or stop the process using it"
         )
     server.start()
+    if security is not None and security.requires_token and not security.uses_tls and not _loopback_host(host):
+        logger.warning(
+            "this server requires a bearer token but listens without TLS on %s: the token and the shares cross the "
+            "network in plaintext. Add `--tls-cert` and `--tls-key`",
+            address,
+        )
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
+
+
+def _loopback_host(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def start_server(
@@ -174,6 +249,8 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     max_workers: int = DEFAULT_MAX_WORKERS,
+    security: HSSEEServerSecurity | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """Starts a share server for `engine` in background threads and returns at once.
 
@@ -185,12 +262,16 @@ def start_server(
         host (`str`, *optional*, defaults to `"127.0.0.1"`): interface to listen on (`"0.0.0.0"` for all).
         port (`int`, *optional*, defaults to 50051): TCP port; `0` picks a free one.
         max_workers (`int`, *optional*, defaults to 8): threads answering requests concurrently.
+        security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens; plaintext without.
+        interceptors (`Sequence[grpc.ServerInterceptor]`, *optional*): extra interceptors (metrics, tests),
+            run after the token check.
 
     Returns:
         `(server, port)`: the running `grpc.Server` (stop it with `server.stop(grace)`) and the port it bound.
 
     Raises:
         `ShareServerError`: the port cannot be bound, or the largest payload does not fit in a gRPC message.
+        `SecurityConfigError`: a certificate, key or token file is missing or unreadable.
 
     Example:
 
@@ -200,7 +281,7 @@ def start_server(
     >>> server.stop(grace=1.0).wait()
     ```
     """
-    server, bound, _ = _start(engine, host, port, max_workers)
+    server, bound, _ = _start(engine, host, port, max_workers, security, interceptors)
     return server, bound
 
 
@@ -214,6 +295,7 @@ def serve(
     ready_callback: Callable[[int], None] | None = None,
     grace: float = DEFAULT_GRACE_SECONDS,
     progress: bool = True,
+    security: HSSEEServerSecurity | None = None,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -232,10 +314,14 @@ def serve(
             requests.
         grace (`float`, *optional*, defaults to 5.0): seconds requests in flight get to finish on shutdown.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar while loading the weights.
+        security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens
+            (`security.server_security_from_args` builds it from `--tls-cert`, `--tls-key`, `--tls-client-ca`,
+            `--token-file`).
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
             gRPC message.
+        `SecurityConfigError`: a certificate, key or token file is missing or unreadable.
 
     Example:
 
@@ -248,7 +334,7 @@ def serve(
     if max_rows is None and engine.max_message_bytes + MESSAGE_HEADROOM_BYTES > GRPC_MAX_MESSAGE_BYTES:
         engine.max_rows = fitting_max_rows(engine)
         logger.info("max_rows lowered to %d so the widest stage fits in one gRPC message", engine.max_rows)
-    server, bound, health_servicer = _start(engine, host, port, max_workers)
+    server, bound, health_servicer = _start(engine, host, port, max_workers, security)
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
@@ -264,12 +350,13 @@ def serve(
         logger.warning("serve() runs outside the main thread: it cannot catch signals and serves until killed")
     try:
         logger.info(
-            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s",
+            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s (%s)",
             short(engine.fingerprint),
             len(engine.describe()),
             engine.max_rows,
             PROTOCOL_VERSION,
             _address(host, bound),
+            security if security is not None else "plaintext, no token",
         )
         if ready_callback is not None:
             ready_callback(bound)

@@ -1,0 +1,174 @@
+"""Secure vs plaintext `generate()` in the same run: decode ms/token, prefill, bytes, round trips, breakdown.
+
+Usage:
+
+    python bench/decode.py --model smollm2 --tokens 64
+    python bench/decode.py --model gpt2-small --tokens 32 --prefill 128
+
+Plaintext is transformers' `generate()` of the original model; secure is `generate()` of
+`HSSEEForCausalLM` through two `hss-ee serve` processes on loopback (gRPC). Both run greedy on the same
+prompt with `min_new_tokens == max_new_tokens`, so they produce the same number of tokens. Decode
+ms/token is `(t(N + 1 tokens) - t(1 token)) / N`, which removes prefill from the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import MODELS, emit, prepare, quiet, save_plot, timed, workdir  # noqa: E402
+
+from hss_ee_hf.demo import local_servers  # noqa: E402
+from hss_ee_hf.engine import StageEngine  # noqa: E402
+from hss_ee_hf.modeling import HSSEEForCausalLM  # noqa: E402
+from hss_ee_hf.sharing import share  # noqa: E402
+
+
+def prompt_ids(tokenizer, vocab: int, length: int | None = None) -> dict:
+    if tokenizer is not None and length is None:
+        messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    gen = torch.Generator().manual_seed(1)  # benchmark input, nothing secret
+    ids = torch.randint(3, vocab, (1, length or 32), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def decode_ms(model, inputs: dict, tokens: int) -> tuple[float, torch.Tensor]:
+    """ms per decoded token, excluding prefill, and the generated ids."""
+    kw = dict(do_sample=False, pad_token_id=0)
+    model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    _, t1 = timed(model.generate, **inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+    out, tn = timed(model.generate, **inputs, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, **kw)
+    return 1000.0 * (tn - t1) / tokens, out
+
+
+@torch.no_grad()
+def prefill_ms(model, ids: dict) -> float:
+    model(**ids)  # warm-up
+    _, t = timed(model, **ids)
+    return 1000.0 * t
+
+
+def server_compute_ms(engine: StageEngine, rows: int = 1, repeats: int = 3) -> float:
+    """One server's compute for one token: every stage once on a random share, best of `repeats`."""
+    best = float("inf")
+    for _ in range(repeats):
+        total = 0.0
+        for weight in engine.weights.values():
+            x = share(torch.zeros(rows, weight.in_features, dtype=torch.int64)).b
+            _, t = timed(weight.matmul, x)
+            total += t
+        best = min(best, total)
+    return 1000.0 * best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=MODELS, help="benchmark model (default smollm2)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to decode (default 64)")
+    p.add_argument("--prefill", type=int, nargs="*", default=[128, 512], help="prompt lengths for prefill timing")
+    p.add_argument("--workdir", help="folder for converted models (default: a temporary folder)")
+    p.add_argument("--plot", default="bench/results/decode_breakdown.png", help="where to write the PNG plot")
+    p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
+    args = p.parse_args(argv)
+    quiet()
+    wd = workdir(args.workdir)
+    plain, ee, key, tok = prepare(args.model, wd)
+    vocab = plain.config.vocab_size
+    inputs = prompt_ids(tok, vocab)
+    plain_ms, plain_out = decode_ms(plain, inputs, args.tokens)
+    prefill_plain = {n: prefill_ms(plain, prompt_ids(None, vocab, n)) for n in args.prefill}
+    layers = plain.config.num_hidden_layers
+    del plain
+    with local_servers(ee, extra_args=["--device", args.device]) as endpoints:
+        with HSSEEForCausalLM.from_pretrained(ee, key=key, endpoints=endpoints) as model:
+            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+            model.hss_ee_stats.reset()
+            _, t1 = timed(
+                model.generate, **inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0
+            )
+            one = _snapshot(model.hss_ee_stats)
+            model.hss_ee_stats.reset()
+            secure_out, tn = timed(
+                model.generate,
+                **inputs,
+                max_new_tokens=args.tokens + 1,
+                min_new_tokens=args.tokens + 1,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            many = _snapshot(model.hss_ee_stats)
+            secure_ms = 1000.0 * (tn - t1) / args.tokens
+            per_tok = {k: (many[k] - one[k]) / args.tokens for k in many}
+            prefill_secure = {n: prefill_ms(model, prompt_ids(None, vocab, n)) for n in args.prefill}
+    match = torch.equal(plain_out, secure_out)
+    emit(
+        {
+            "bench": "decode",
+            "model": args.model,
+            "tokens": args.tokens,
+            "plaintext_ms_per_token": plain_ms,
+            "secure_ms_per_token": secure_ms,
+            "ratio": secure_ms / plain_ms,
+            "tokens_match": match,
+        }
+    )
+    for n in args.prefill:
+        emit(
+            {
+                "bench": "prefill",
+                "model": args.model,
+                "prompt_tokens": n,
+                "plaintext_ms": prefill_plain[n],
+                "secure_ms": prefill_secure[n],
+                "ratio": prefill_secure[n] / prefill_plain[n],
+            }
+        )
+    emit(
+        {
+            "bench": "wire",
+            "model": args.model,
+            "round_trips_per_token": per_tok["round_trips"],
+            "round_trips_bound": 4 * layers + 1,
+            "bytes_sent_per_token": per_tok["bytes_sent"],
+            "bytes_received_per_token": per_tok["bytes_received"],
+            "mb_per_token_total": (per_tok["bytes_sent"] + per_tok["bytes_received"]) / 1e6,
+        }
+    )
+    compute = server_compute_ms(StageEngine(ee))
+    wait_ms = 1000.0 * per_tok["wait_seconds"]
+    parts = {
+        "server compute (one server)": min(compute, wait_ms),
+        "network + (de)serialisation + queueing": max(wait_ms - compute, 0.0),
+        "client sharing": 1000.0 * per_tok["share_seconds"],
+        "client reconstruct + decode": 1000.0 * per_tok["decode_seconds"],
+        "client nonlinear work + sampling": max(secure_ms - 1000.0 * per_tok["seconds"], 0.0),
+    }
+    emit({"bench": "breakdown", "model": args.model, "unit": "ms/token", **parts})
+    save_plot(Path(args.plot), f"{args.model}: where a secure decode step's time goes", parts, reference=plain_ms)
+    return 0
+
+
+def _snapshot(stats) -> dict:
+    keys = (
+        "round_trips",
+        "bytes_sent",
+        "bytes_received",
+        "seconds",
+        "share_seconds",
+        "wait_seconds",
+        "decode_seconds",
+    )
+    return {k: float(getattr(stats, k)) for k in keys}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
