@@ -2,13 +2,21 @@
 
 Public API (everything else is private by name):
 
+* [`HSSEEForCausalLM`]: the client model; `generate()` is transformers' own.
+* [`HSSEETextGenerationPipeline`]: `pipeline("hss-ee-text-generation", model=..., key=..., endpoints=...)`.
+* [`HSSEEConfig`]: a client configuration (`model_type="hss_ee"`) that `AutoConfig` and `AutoModelForCausalLM` know.
 * [`convert`]: turn a checkpoint into an EE checkpoint and a secret key.
 * [`EEKey`], [`RingConfig`], [`HSSEECheckpointInfo`]: the artifacts' data types.
 * the typed errors in `hss_ee_hf.errors`.
+
+Importing the package registers `HSSEEConfig` with `AutoConfig`, its client factory with `AutoModelForCausalLM`,
+and the `"hss-ee-text-generation"` task with transformers' `PIPELINE_REGISTRY` (see `hss_ee_hf.auto` and
+`hss_ee_hf.pipelines`).
 """
 
 from __future__ import annotations
 
+from .auto import HSSEEConfig, register_auto_classes
 from .checkpoint import HSSEECheckpointInfo
 from .errors import (
     CheckpointError,
@@ -22,9 +30,14 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .key import EEKey
+from .modeling import HSSEEForCausalLM
+from .pipelines import HSSEETextGenerationPipeline, register_pipeline
 from .ring import RingConfig
 
 __version__ = "0.1.0"
+
+register_auto_classes()
+register_pipeline()
 
 
 def convert(*args, **kwargs):
@@ -39,7 +52,10 @@ __all__ = [
     "ConversionError",
     "EEKey",
     "HSSEECheckpointInfo",
+    "HSSEEConfig",
     "HSSEEError",
+    "HSSEEForCausalLM",
+    "HSSEETextGenerationPipeline",
     "KeyFileError",
     "KeyMismatchError",
     "RingConfig",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +72,65 @@ def iter_stage_weights(
         yield stage, w_int, scale
 
 
+class _Job:
+    __slots__ = ("x", "done", "result", "error")
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.done, self.result, self.error = x, threading.Event(), None, None
+
+
+class StageBatcher:
+    """Batches concurrent requests for the same stage into one matrix product.
+
+    The first request for a stage waits `window` seconds for others (from other sessions) to arrive,
+    then computes all their rows in one product and hands each request its rows back. Rows are
+    independent, so the result is exactly what separate products give; decode is memory-bound, so
+    one product over many rows costs about as much as one over a single row.
+
+    Args:
+        window (`float`): seconds the first request of a batch waits for company.
+        max_rows (`int`): a batch never grows beyond this many rows.
+    """
+
+    def __init__(self, window: float, max_rows: int):
+        self.window, self.max_rows = window, max_rows
+        self._lock = threading.Lock()
+        self._open: dict[str, list[_Job]] = {}
+
+    def run(self, stage: str, weight: RingWeight, x: torch.Tensor) -> torch.Tensor:
+        job = _Job(x)
+        with self._lock:
+            batch = self._open.get(stage)
+            if batch is not None and sum(j.x.shape[0] for j in batch) + x.shape[0] <= self.max_rows:
+                batch.append(job)
+                leader = False
+            else:
+                self._open[stage] = batch = [job]
+                leader = True
+        if not leader:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            return job.result
+        time.sleep(self.window)
+        with self._lock:
+            if self._open.get(stage) is batch:
+                del self._open[stage]
+        try:
+            out = weight.matmul(torch.cat([j.x for j in batch]) if len(batch) > 1 else x)
+            for j, part in zip(batch, out.split([j.x.shape[0] for j in batch]), strict=True):
+                j.result = part
+        except Exception as err:  # every waiter must learn of the failure, not hang
+            for j in batch:
+                j.error = err
+        finally:
+            for j in batch[1:]:
+                j.done.set()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
 class StageEngine:
     """Holds an EE checkpoint's stage weights and computes output shares.
 
@@ -78,6 +139,8 @@ class StageEngine:
         device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"`.
         max_rows (`int`, *optional*): the most rows one request may carry.
         progress (`bool`, *optional*): show a progress bar while loading.
+        batch_window_ms (`float`, *optional*, defaults to 0): when positive, concurrent requests for the same
+            stage arriving within this many milliseconds are computed as one batch ([`StageBatcher`]).
 
     Example:
 
@@ -93,6 +156,7 @@ class StageEngine:
         device: str = "cpu",
         max_rows: int = DEFAULT_MAX_ROWS,
         progress: bool = False,
+        batch_window_ms: float = 0.0,
     ):
         folder = Path(checkpoint)
         self.info = HSSEECheckpointInfo.from_folder(folder)
@@ -104,6 +168,7 @@ class StageEngine:
         self.weights: dict[str, RingWeight] = {}
         for stage, w_int, _ in iter_stage_weights(folder, self.config, self.info.ring, progress=progress):
             self.weights[stage.name] = RingWeight(w_int, device=self.device)
+        self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
         logger.info("loaded %d stages of checkpoint %s on %s", len(self.weights), short(self.fingerprint), self.device)
 
     @property
@@ -184,4 +249,5 @@ class StageEngine:
             x = expand_share(seed, (rows, weight.in_features))
         else:
             x = torch.frombuffer(bytearray(share), dtype=torch.int64).view(rows, weight.in_features)
-        return weight.matmul(x).cpu().numpy().tobytes()
+        y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
+        return y.cpu().numpy().tobytes()

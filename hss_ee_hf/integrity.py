@@ -1,0 +1,303 @@
+"""Cheating-server detection: a Freivalds check per server and stage over Z_2^64 (DESIGN.md §2).
+
+A share server is trusted to compute `y_i = x_i · W_intᵀ mod 2^64` on its input share `x_i`. The client
+keeps secret random rows `R` (`t × out`, entries in {0, 1}, from the CSPRNG) and `U = R · W_int`, computed once
+from the public weights. For a returned share it checks
+
+    R · y_iᵀ == U · x_iᵀ   (mod 2^64)
+
+which costs `O(t · (in + out))` per row instead of the server's `O(in · out)`. An honest share always passes.
+A wrong one passes with probability at most `2^-t`: if a row of the error `E = y_i' - y_i` has a nonzero word
+`e_j`, then for each check row `k` the two values of `R[k, j]` give sums `c` and `c + e_j`, which cannot both be
+zero, so each of the `t` independent rows catches it with probability at least 1/2. This holds for every
+nonzero `e_j` in Z_2^64, including `2^63` (`R` entries are 0 or 1, never even multipliers that could cancel the
+top bit). `R` must stay secret: a server that knew it could craft errors in its kernel.
+
+Every product is computed exactly: both operands are split into unsigned 16-bit limbs and multiplied in
+float64, where every partial sum stays far below 2^53, then recombined with wrapping int64 shifts.
+
+[`VerifyingTransport`] wraps any transport and checks both replies of every stage before they are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from .checkpoint import HSSEECheckpointInfo
+from .csprng import ChaChaStream
+from .errors import StageError, TransportError
+from .sharing import Shares
+from .transport import Transport
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECK_ROWS = 40
+_LIMB_BITS = 16
+_N_LIMBS = 64 // _LIMB_BITS
+_LIMB_MASK = (1 << _LIMB_BITS) - 1
+# Partial sums must stay exact in float64 (< 2^53): R·limbs(y) sums out words of < 2^16, limbs(U)·limbs(x)
+# sums in products of < 2^32; U = R·W_int itself sums out weights of < 2^15.
+_MAX_EXACT_OUT = 1 << 37
+_MAX_EXACT_IN = 1 << 21
+# Rows of x or y expanded to float64 limbs at once (bounds the client's extra memory).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class CheatingServerError(TransportError):
+    """A share server returned an output share that fails the Freivalds check: it is faulty or cheating.
+
+    The reply was not used. Stop sending requests to this server and report it to whoever runs it.
+
+    Args:
+        endpoint (`str`): the server whose share failed.
+        message (`str`): which stage failed and what to do.
+    """
+
+
+def _limbs(x: torch.Tensor) -> torch.Tensor:
+    """`(n, k)` int64 ring elements -> `(N_LIMBS, n, k)` float64 unsigned 16-bit limbs, least significant first."""
+    return torch.stack([(x >> (_LIMB_BITS * i)) & _LIMB_MASK for i in range(_N_LIMBS)]).to(torch.float64)
+
+
+def _recombine(partial: torch.Tensor) -> torch.Tensor:
+    """`(N_LIMBS, ...)` exact integer partials (as float64) of limb `i` -> `sum_i partial_i << 16 i mod 2^64`."""
+    parts = partial.to(torch.int64)
+    out = parts[0].clone()
+    for i in range(1, _N_LIMBS):
+        out += parts[i] << (_LIMB_BITS * i)  # wraps mod 2^64, as the ring requires
+    return out
+
+
+def ring_matmul_nt(a_limbs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact `a · bᵀ mod 2^64` for `a` given as limbs `(N_LIMBS, m, k)` and `b` an `(n, k)` int64 tensor.
+
+    Args:
+        a_limbs (`torch.Tensor`): `_limbs(a)` of an `(m, k)` int64 tensor (precomputed once).
+        b (`torch.Tensor`): `(n, k)` int64.
+
+    Returns:
+        `(m, n)` int64, the ring product.
+    """
+    n_limbs, m, k = a_limbs.shape
+    if k >= _MAX_EXACT_IN:
+        raise ValueError(f"inner dimension {k} exceeds the exactness bound {_MAX_EXACT_IN}")
+    b_limbs = _limbs(b)  # (4, n, k)
+    n = b.shape[0]
+    # One GEMM for all limb pairs: (4m, k) @ (k, 4n); every entry < 2^16 * 2^16 * k < 2^53 is exact.
+    grid = (a_limbs.reshape(n_limbs * m, k) @ b_limbs.reshape(n_limbs * n, k).T).to(torch.int64)
+    grid = grid.view(n_limbs, m, n_limbs, n)
+    out = torch.zeros((m, n), dtype=torch.int64)
+    for i in range(n_limbs):
+        for j in range(n_limbs - i):  # pairs with i + j >= 4 carry a factor 2^64: zero in the ring
+            out += grid[i, :, j, :] << (_LIMB_BITS * (i + j))  # wraps mod 2^64
+    return out
+
+
+def _binary_matmul_nt(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact `r · yᵀ mod 2^64` for `r` an `(t, out)` 0/1 float64 matrix and `y` an `(n, out)` int64 tensor."""
+    y_limbs = _limbs(y)  # (4, n, out)
+    n = y.shape[0]
+    partial = (r @ y_limbs.reshape(_N_LIMBS * n, -1).T).view(-1, _N_LIMBS, n)  # (t, 4, n), each < out * 2^16
+    return _recombine(partial.permute(1, 0, 2))
+
+
+class FreivaldsVerifier:
+    """Checks output shares against secret Freivalds rows, one set per stage.
+
+    Args:
+        weights (`Iterable[tuple[str, torch.Tensor]]`): `(stage name, W_int)` pairs, `W_int` the `(out, in)`
+            integer weight the servers multiply with.
+        rows (`int`, *optional*, defaults to 40): `t`, secret check rows per stage. A wrong share passes with
+            probability at most `2^-t`; the client's extra work grows linearly in `t`.
+        rng (`ChaChaStream`, *optional*): where the secret rows come from; a fresh stream keyed from
+            `os.urandom` when omitted (pass one only in tests).
+
+    Example:
+
+    ```python
+    >>> verifier = FreivaldsVerifier.from_checkpoint("smollm2-ee")
+    >>> y_a, y_b = transport.run_stage(fingerprint, "layers.0.qkv", shares, out_features=960)
+    >>> verifier.check_stage("layers.0.qkv", shares, y_a, y_b, transport.endpoints)  # raises CheatingServerError
+    ```
+    """
+
+    def __init__(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        rows: int = DEFAULT_CHECK_ROWS,
+        rng: ChaChaStream | None = None,
+    ):
+        if not 1 <= rows <= 256:
+            raise ValueError(f"rows (the number of secret check rows) must be in [1, 256], got {rows}")
+        rng = rng if rng is not None else ChaChaStream(os.urandom(32))
+        self.rows = rows
+        self._r: dict[str, torch.Tensor] = {}  # (t, out) 0/1 as uint8: compact, widened per check
+        self._u: dict[str, torch.Tensor] = {}  # (t, in) int64, U = R · W_int (exact, |U| < out * 2^15)
+        self.dims: dict[str, tuple[int, int]] = {}
+        self.checks = 0
+        self.seconds = 0.0
+        for name, w_int in weights:
+            out_f, in_f = w_int.shape
+            if out_f >= _MAX_EXACT_OUT or in_f >= _MAX_EXACT_IN:
+                raise ValueError(f"stage {name} of shape {tuple(w_int.shape)} exceeds the exact-check bounds")
+            if w_int.numel() and w_int.abs().max().item() >= 1 << 15:
+                raise ValueError(f"stage {name}: integer weights must be below 2^15 in magnitude")
+            bits = np.unpackbits(np.frombuffer(rng.bytes((rows * out_f + 7) // 8), dtype=np.uint8))[: rows * out_f]
+            r = torch.from_numpy(bits.reshape(rows, out_f).copy())
+            # Exact in float64: each entry of U sums at most out weights of magnitude < 2^15.
+            u = (r.to(torch.float64) @ w_int.to(torch.float64)).to(torch.int64)
+            self._r[name], self._u[name], self.dims[name] = r, u, (in_f, out_f)
+
+    def __repr__(self) -> str:  # never show the secret rows
+        return f"FreivaldsVerifier(stages={len(self.dims)}, rows={self.rows})"
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        folder: str | os.PathLike,
+        rows: int = DEFAULT_CHECK_ROWS,
+        rng: ChaChaStream | None = None,
+        progress: bool = False,
+    ) -> FreivaldsVerifier:
+        """Builds a verifier from an EE checkpoint folder that holds the stage weights (the server's files).
+
+        Args:
+            folder (`str` or `os.PathLike`): a local EE checkpoint with its weight shards
+                (`hub.resolve_server_files` fetches them for a Hub id).
+            rows (`int`, *optional*, defaults to 40): secret check rows per stage.
+            rng (`ChaChaStream`, *optional*): source of the secret rows (tests only).
+            progress (`bool`, *optional*): show a progress bar while reading the weights.
+
+        Raises:
+            `CheckpointError`: the folder is not an EE checkpoint or lacks stage weights.
+        """
+        from .engine import iter_stage_weights  # the server's loader: one stage in memory at a time
+
+        info = HSSEECheckpointInfo.from_folder(folder)
+        config = AutoConfig.from_pretrained(folder)
+        weights = ((stage.name, w_int) for stage, w_int, _ in iter_stage_weights(folder, config, info.ring, progress))
+        return cls(weights, rows=rows, rng=rng)
+
+    def _sides(self, stage: str, x_share: torch.Tensor, y_share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(R · yᵀ, U · xᵀ)` mod 2^64, each `(t, n)`, in chunks of rows."""
+        r = self._r[stage].to(torch.float64)
+        u_limbs = _limbs(self._u[stage])
+        in_f, out_f = self.dims[stage]
+        step = max(1, _CHUNK_ELEMENTS // (_N_LIMBS * max(in_f, out_f)))
+        lhs, rhs = [], []
+        for i in range(0, x_share.shape[0], step):
+            lhs.append(_binary_matmul_nt(r, y_share[i : i + step]))
+            rhs.append(ring_matmul_nt(u_limbs, x_share[i : i + step]))
+        return torch.cat(lhs, dim=1), torch.cat(rhs, dim=1)
+
+    def check(self, stage: str, x_share: torch.Tensor, y_share: torch.Tensor, endpoint: str) -> None:
+        """Checks one server's output share of one stage.
+
+        Args:
+            stage (`str`): stage name, e.g. `"layers.0.qkv"`.
+            x_share (`torch.Tensor`): `(n, in_features)` int64, the input share this server was sent (for
+                party A the share its seed expands to: `Shares.a`).
+            y_share (`torch.Tensor`): `(n, out_features)` int64, the output share it returned.
+            endpoint (`str`): the server, named in the error.
+
+        Raises:
+            `CheatingServerError`: the share is wrong (names `endpoint`).
+            `StageError`: the verifier has no rows for `stage`, or `x_share` has the wrong shape (a client bug).
+        """
+        start = time.perf_counter()
+        dims = self.dims.get(stage)
+        if dims is None:
+            raise StageError(
+                f"the integrity verifier has no check rows for stage {stage!r}; build it from the same EE "
+                "checkpoint the client loads"
+            )
+        in_f, out_f = dims
+        if x_share.dim() != 2 or x_share.shape[1] != in_f or x_share.dtype != torch.int64:
+            raise StageError(f"stage {stage} takes (n, {in_f}) int64 input shares, got {tuple(x_share.shape)}")
+        if y_share.shape != (x_share.shape[0], out_f) or y_share.dtype != torch.int64:
+            raise CheatingServerError(
+                endpoint,
+                f"stage {stage}: the output share has shape {tuple(y_share.shape)}, expected "
+                f"({x_share.shape[0]}, {out_f}); the server is faulty or cheating, stop using it",
+            )
+        lhs, rhs = self._sides(stage, x_share.cpu(), y_share.cpu())
+        failed = (lhs != rhs).any(dim=0)  # per input row
+        self.checks += 1
+        self.seconds += time.perf_counter() - start
+        if bool(failed.any()):
+            logger.warning("integrity check failed: stage %s from %s", stage, endpoint)
+            raise CheatingServerError(
+                endpoint,
+                f"stage {stage}: the output share fails the Freivalds integrity check in {int(failed.sum())} of "
+                f"{failed.numel()} rows, so it is not x·Wᵀ for the input this server was sent. The server is "
+                "faulty or cheating; the reply was discarded. Stop using this server and tell whoever runs it",
+            )
+
+    def check_stage(
+        self, stage: str, shares: Shares, y_a: torch.Tensor, y_b: torch.Tensor, endpoints: tuple[str, str]
+    ) -> None:
+        """Checks both servers' output shares of one stage call (party A first).
+
+        Args:
+            stage (`str`): stage name.
+            shares (`Shares`): the input shares that were sent (`a` to party A as its seed, `b` to party B).
+            y_a (`torch.Tensor`): party A's output share.
+            y_b (`torch.Tensor`): party B's output share.
+            endpoints (`tuple[str, str]`): the two servers (`Transport.endpoints`).
+
+        Raises:
+            `CheatingServerError`: naming the first server whose share is wrong.
+        """
+        self.check(stage, shares.a, y_a, endpoints[0])
+        self.check(stage, shares.b, y_b, endpoints[1])
+
+
+class VerifyingTransport(Transport):
+    """Wraps a transport so that both output shares of every stage are Freivalds-checked before use.
+
+    Args:
+        inner (`Transport`): the transport that reaches the servers (`GrpcTransport`, `InProcessTransport`).
+        verifier (`FreivaldsVerifier`): check rows built from the same EE checkpoint.
+
+    Example:
+
+    ```python
+    >>> verifier = FreivaldsVerifier.from_checkpoint("smollm2-ee")
+    >>> transport = VerifyingTransport(GrpcTransport(("10.0.0.1:50051", "10.0.0.2:50051")), verifier)
+    >>> model = HSSEEForCausalLM.from_pretrained("smollm2-ee", key="smollm2.hss-ee-key", transport=transport)
+    ```
+    """
+
+    def __init__(self, inner: Transport, verifier: FreivaldsVerifier):
+        self.inner = inner
+        self.verifier = verifier
+        self.endpoints = inner.endpoints
+
+    def run_stage(
+        self, fingerprint: str, stage: str, shares: Shares, out_features: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs one stage on the inner transport and checks both replies; see [`Transport.run_stage`].
+
+        Raises:
+            `CheatingServerError`: a reply fails the check (names the server).
+            `TransportError`: the inner transport failed.
+        """
+        y_a, y_b = self.inner.run_stage(fingerprint, stage, shares, out_features)
+        self.verifier.check_stage(stage, shares, y_a, y_b, self.endpoints)
+        return y_a, y_b
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str):
+        # `describe`, `check_fingerprint`, ... of the inner transport (only reached for missing attributes).
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
