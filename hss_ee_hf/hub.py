@@ -52,7 +52,6 @@ TOKENIZER_FILES = (
 CLIENT_PATTERNS = [
     "config.json",
     "generation_config.json",
-    INDEX_FILE,
     CLIENT_SHARD,
     SCALES_FILE,
     *TOKENIZER_FILES,

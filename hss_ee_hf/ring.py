@@ -8,10 +8,12 @@ share `x_i`; the client adds the two output shares and decodes with `s * 2^-f`.
 Two kernels compute the ring product:
 
 * [`ring_matmul_reference`]: plain `int64` matrix product (the definition).
-* [`RingWeight.matmul`]: the fast exact kernel. It splits each 64-bit share into four unsigned
-  16-bit limbs and multiplies them with the weight held once as float64. Every partial sum is an
-  integer below `2^16 * 2^15 * in_features < 2^53`, so float64 is exact, and the limbs are
-  recombined with wrapping `int64` shifts. Tests prove it equal to the reference.
+* [`RingWeight.matmul`]: the fast exact kernel. It splits each 64-bit share into three unsigned
+  22-bit limbs and multiplies them with the weight held once as float64. Every partial sum is an
+  integer of magnitude below `2^22 * 2^15 * in_features <= 2^53` (in_features < 2^16), so float64
+  accumulates it exactly in any order, and the limbs are recombined with wrapping `int64` shifts
+  (bits shifted past 2^64 vanish, as reduction mod 2^64 requires). Tests prove it equal to the
+  reference.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 
 from .errors import RingOverflowError
 
-LIMB_BITS = 16
-N_LIMBS = 64 // LIMB_BITS
+LIMB_BITS = 22
+N_LIMBS = -(-64 // LIMB_BITS)  # 3 limbs cover bits 0..65; bits from 64 up vanish after the shift
 _LIMB_MASK = (1 << LIMB_BITS) - 1
 # A legitimate ring product stays below 2^OUTPUT_BITS in magnitude: |x_int| < 2^(f + h),
 # |w_int| < 2^(weight_bits - 1) and in_features <= 2^k give 2^(f + h + weight_bits - 1 + k) <= 2^62.
@@ -159,7 +161,7 @@ def ring_matmul_reference(x: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
 
 
 def _to_limbs(x: torch.Tensor) -> torch.Tensor:
-    """`(n, in)` int64 -> `(N_LIMBS * n, in)` float64 unsigned 16-bit limbs, least significant first."""
+    """`(n, in)` int64 -> `(N_LIMBS * n, in)` float64 unsigned `LIMB_BITS`-bit limbs, least significant first."""
     limbs = [((x >> (LIMB_BITS * k)) & _LIMB_MASK) for k in range(N_LIMBS)]
     return torch.cat(limbs, dim=0).to(torch.float64)
 
