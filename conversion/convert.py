@@ -164,6 +164,8 @@ def convert(
     ring: RingConfig | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     tolerance: float = 1e-4,
+    base_model: str | None = None,
+    license: str | None = None,
 ) -> ConversionResult:
     """Converts a model into an EE checkpoint and writes its secret key.
 
@@ -180,6 +182,10 @@ def convert(
         ring (`RingConfig`, *optional*): ring parameters recorded in the checkpoint.
         shard_bytes (`int`, *optional*): maximum size of a server shard.
         tolerance (`float`, *optional*): largest relative logit error verification accepts.
+        base_model (`str`, *optional*): Hub id of the original, recorded for model cards (defaults to `src`
+            when it is a Hub id).
+        license (`str`, *optional*): the original's license, recorded for model cards (defaults to the
+            `license` in the source folder's `README.md` metadata, if any).
 
     Returns:
         [`ConversionResult`].
@@ -206,9 +212,17 @@ def convert(
     ee_config = spec.ee_config(copy.deepcopy(source.config))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    key_tmp: Path | None = None
+    backup: Path | None = None
+    moved = False
     try:
         fingerprint = _write_ee_tensors(source, spec, ee_config, tmp, shard_bytes)
-        info = HSSEECheckpointInfo(fingerprint=fingerprint, ring=ring)
+        info = HSSEECheckpointInfo(
+            fingerprint=fingerprint,
+            ring=ring,
+            base_model=base_model or source.base_model,
+            license=license or source.license(),
+        )
         setattr(ee_config, CONFIG_KEY, info.to_dict())
         ee_config.architectures = [spec.architecture_for(source.config)]
         ee_config.save_pretrained(tmp)
@@ -221,14 +235,28 @@ def convert(
         if verify:
             diffs = verify_equivariance(source, tmp, spec.vocab_perm, tolerance)
         ee_key = EEKey(vocab_perm=spec.vocab_perm.clone(), fingerprint=fingerprint)
-        ee_key.save(key_path, overwrite=force)
+        key_tmp = ee_key.write_temp(key_path)
         _make_public(tmp)
-        if out_path.exists():
-            shutil.rmtree(out_path)
+        if out_path.exists():  # keep the old checkpoint until the new one and its key are both in place
+            backup = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.old-", dir=out_path.parent))
+            os.replace(out_path, backup / "checkpoint")
         os.replace(tmp, out_path)
+        moved = True
+        os.replace(key_tmp, key_path)
+        key_tmp = None
     except BaseException:
+        if key_tmp is not None:
+            key_tmp.unlink(missing_ok=True)
+        if moved:
+            shutil.rmtree(out_path, ignore_errors=True)
+        if backup is not None and (backup / "checkpoint").exists():
+            os.replace(backup / "checkpoint", out_path)
         shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
         raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     seconds = time.perf_counter() - start
     logger.info("wrote EE checkpoint %s (fingerprint %s) in %.1fs", out_path, short(fingerprint), seconds)
     return ConversionResult(out_path, key_path, fingerprint, diffs[0], diffs[1], seconds)

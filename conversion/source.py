@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import ModelCard, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -77,6 +77,10 @@ class ModelSource:
 
     def generation_config(self) -> GenerationConfig | None:
         raise NotImplementedError
+
+    def license(self) -> str | None:
+        """The `license` of the source's model card metadata, when it has one."""
+        return None
 
     def load_model(self) -> torch.nn.Module:
         """The original model in float32 (for verification)."""
@@ -139,6 +143,17 @@ class FolderSource(ModelSource):
             return GenerationConfig.from_pretrained(self.folder)
         except OSError:
             return None
+
+    def license(self):
+        card = self.folder / "README.md"
+        if not card.exists():
+            return None
+        try:
+            value = ModelCard.load(card).data.license
+        except (ValueError, OSError) as err:
+            logger.info("could not read the license from %s: %s", card, err)
+            return None
+        return value if isinstance(value, str) else None
 
     def load_model(self):
         from .verify import load_bounded

@@ -35,6 +35,8 @@ class HSSEECheckpointInfo:
         format_version (`int`): version of this layout; readers refuse versions they do not know.
         client_shard (`str`): file holding the client-side tensors.
         scales_file (`str`): file holding the public per-stage weight scales.
+        base_model (`str`, *optional*): Hub id of the original model (for model cards).
+        license (`str`, *optional*): license of the original model (for model cards).
     """
 
     fingerprint: str
@@ -42,11 +44,13 @@ class HSSEECheckpointInfo:
     format_version: int = FORMAT_VERSION
     client_shard: str = CLIENT_SHARD
     scales_file: str = SCALES_FILE
+    base_model: str | None = None
+    license: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ring"] = self.ring.to_dict()
-        return d
+        return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "config") -> HSSEECheckpointInfo:
@@ -68,6 +72,8 @@ class HSSEECheckpointInfo:
                 format_version=version,
                 client_shard=str(d.get("client_shard", CLIENT_SHARD)),
                 scales_file=str(d.get("scales_file", SCALES_FILE)),
+                base_model=d.get("base_model"),
+                license=d.get("license"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{source} has a malformed `{CONFIG_KEY}` block: {err}") from err

@@ -10,22 +10,10 @@ import argparse
 import logging
 import sys
 
+from .commands import Command
 from .errors import HSSEEError
 
 logger = logging.getLogger("hss_ee_hf")
-
-
-class Command:
-    """A subcommand: `name`, `help`, `add_arguments` and `run`."""
-
-    name = ""
-    help = ""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        raise NotImplementedError
-
-    def run(self, args: argparse.Namespace) -> int:
-        raise NotImplementedError
 
 
 class ConvertCommand(Command):
@@ -49,6 +37,16 @@ class ConvertCommand(Command):
         )
         p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits f (default 16)")
         p.add_argument("--weight-bits", type=int, default=16, help="bits of the integer weights (default 16)")
+        p.add_argument(
+            "--base-model", help="Hub id of the original model, recorded for model cards (default: SRC if a Hub id)"
+        )
+        p.add_argument("--license", help="license of the original model, recorded for model cards")
+        p.add_argument(
+            "--push-to-hub",
+            metavar="REPO_ID",
+            help="after converting, push the EE checkpoint (never the key) to this repo",
+        )
+        p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
 
     def run(self, args):
         from hss_ee_conversion import convert
@@ -65,6 +63,8 @@ class ConvertCommand(Command):
             force=args.force,
             verify=not args.no_verify,
             ring=RingConfig(frac_bits=args.frac_bits, weight_bits=args.weight_bits),
+            base_model=args.base_model,
+            license=args.license,
         )
         print(f"EE checkpoint: {result.output}")
         print(f"secret key:    {result.key_path} (keep it; never copy it to a server)")
@@ -73,6 +73,11 @@ class ConvertCommand(Command):
             rel = result.max_rel_logit_diff
             print(f"equivariance:  max |dlogit| = {result.max_abs_logit_diff:.3g} (relative {rel:.3g})")
         print(f"time:          {result.seconds:.1f} s")
+        if args.push_to_hub:
+            from .push import push_to_hub
+
+            url = push_to_hub(result.output, args.push_to_hub, private=args.private)
+            print(f"pushed:        {url}")
         return 0
 
 
@@ -95,12 +100,22 @@ class ServeCommand(Command):
         )
         p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
+        p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
+        p.add_argument("--token", help="Hub token for a private repo (default: the logged-in token)")
+        p.add_argument(
+            "--batch-window-ms",
+            type=float,
+            default=0.0,
+            help="batch concurrent sessions' requests for one stage arriving within this many ms (default 0: off)",
+        )
 
     def run(self, args):
         from .hub import resolve_server_files
         from .server import serve
 
-        folder = resolve_server_files(args.checkpoint, revision=args.revision)
+        folder = resolve_server_files(
+            args.checkpoint, revision=args.revision, cache_dir=args.cache_dir, token=args.token
+        )
         serve(
             folder,
             host=args.host,
@@ -129,16 +144,20 @@ class GenerateCommand(Command):
         p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering (with --do-sample)")
         p.add_argument("--seed", type=int, help="sampling seed (with --do-sample)")
         p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+        p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
+        p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
 
     def run(self, args):
         import torch
         from transformers import AutoTokenizer, TextStreamer
 
+        from .hub import resolve_client_files
         from .modeling import HSSEEForCausalLM
 
-        tok = AutoTokenizer.from_pretrained(str(args.checkpoint))
+        folder = resolve_client_files(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
+        tok = AutoTokenizer.from_pretrained(folder)
         with HSSEEForCausalLM.from_pretrained(
-            args.checkpoint, key=args.key, endpoints=args.endpoints, timeout=args.timeout
+            folder, key=args.key, endpoints=args.endpoints, timeout=args.timeout
         ) as model:
             if args.chat:
                 messages = [{"role": "user", "content": args.prompt}]
@@ -176,7 +195,10 @@ class DemoCommand(Command):
         return run_demo(max_new_tokens=args.max_new_tokens, cache_dir=args.cache_dir, reconvert=args.reconvert)
 
 
-COMMANDS: tuple[type[Command], ...] = (ConvertCommand, ServeCommand, GenerateCommand, DemoCommand)
+def _commands() -> tuple[Command, ...]:
+    from .push import PushCommand
+
+    return (ConvertCommand(), ServeCommand(), GenerateCommand(), PushCommand(), DemoCommand())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (never secrets)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command_cls in COMMANDS:
-        command = command_cls()
+    for command in _commands():
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
         p.set_defaults(handler=command)

@@ -19,6 +19,10 @@ class RingOverflowError(HSSEEError, ValueError):
     """
 
 
+class InvalidConfigError(HSSEEError, ValueError):
+    """A parameter is outside what hss-ee-hf supports (the message says the allowed range)."""
+
+
 class KeyMismatchError(HSSEEError, ValueError):
     """The EE key belongs to another checkpoint (their fingerprints differ)."""
 

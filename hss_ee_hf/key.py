@@ -85,21 +85,37 @@ class EEKey:
         path = Path(path).expanduser().resolve()
         if path.exists() and not overwrite:
             raise KeyFileError(f"key file {path} already exists; pass overwrite=True (--force) to replace it")
+        tmp = self.write_temp(path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise KeyFileError(f"could not write key file {path}: {err.strerror}") from err
+        return path
+
+    def write_temp(self, path: str | os.PathLike) -> Path:
+        """Writes the key (mode 0600) to a temporary file beside `path`; `os.replace` it into place to commit.
+
+        Lets a caller make the key appear only once everything it belongs with is in place.
+        """
+        path = Path(path).expanduser().resolve()
         meta = {"kind": KEY_KIND, "fingerprint": self.fingerprint, "format_version": str(self.format_version)}
         data = st_save({"vocab_perm": self.vocab_perm.to(torch.int64).contiguous()}, metadata=meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hss-ee-key-")  # mkstemp creates it 0600
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hss-ee-key-")  # mkstemp creates it 0600
+        except OSError as err:
+            raise KeyFileError(f"could not write key file {path}: {err.strerror}") from err
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
         except OSError as err:
             Path(tmp).unlink(missing_ok=True)
             raise KeyFileError(f"could not write key file {path}: {err.strerror}") from err
-        return path
+        return Path(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EEKey:

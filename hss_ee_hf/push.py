@@ -24,7 +24,7 @@ from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .checkpoint import CONFIG_KEY, INDEX_FILE, HSSEECheckpointInfo
-from .cli import Command
+from .commands import Command
 from .errors import CheckpointError, HSSEEError
 from .hub import CHAT_TEMPLATE_PATTERN, CLIENT_PATTERNS, TOKENIZER_FILES, is_offline
 from .key import KEY_KIND
@@ -61,6 +61,7 @@ class PushPlan:
         model_card (`str`): the rendered `README.md`.
         fingerprint (`str`): the checkpoint's fingerprint.
         format_version (`int`): the checkpoint's EE format version.
+        replaced_readme (`bool`): the folder held a `README.md`, which the rendered card replaces in the upload.
     """
 
     folder: Path
@@ -116,7 +117,7 @@ def _key_reason(path: Path, rel: str) -> str | None:
     if header is None:
         return None
     meta = header.get("__metadata__")
-    if False:
+    if isinstance(meta, dict) and meta.get("kind") == KEY_KIND:
         return f"it is an hss-ee key (safetensors with kind={KEY_KIND} metadata)"
     if "vocab_perm" in header:
         return "it holds a `vocab_perm` tensor, like an hss-ee key"

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import RingOverflowError
+from .errors import InvalidConfigError, RingOverflowError
 
 LIMB_BITS = 22
 N_LIMBS = -(-64 // LIMB_BITS)  # 3 limbs cover bits 0..65; bits from 64 up vanish after the shift
@@ -49,9 +49,9 @@ class RingConfig:
 
     def __post_init__(self):
         if not 1 <= self.frac_bits <= 24:
-            raise ValueError(f"frac_bits must be in [1, 24], got {self.frac_bits}")
+            raise InvalidConfigError(f"frac_bits must be in [1, 24], got {self.frac_bits}")
         if not 2 <= self.weight_bits <= 16:
-            raise ValueError(f"weight_bits must be in [2, 16], got {self.weight_bits}")
+            raise InvalidConfigError(f"weight_bits must be in [2, 16], got {self.weight_bits}")
 
     @property
     def weight_max(self) -> int:

@@ -419,11 +419,6 @@ def test_failed_verification_leaves_nothing_behind(tiny_src, tmp_path, monkeypat
     assert tmp_leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: convert() writes the key before the last steps and does not remove it when they fail",
-)
 def test_failure_after_verification_leaves_no_key(tiny_src, tmp_path, monkeypatch):
     out, key = tmp_path / "ee", tmp_path / "k.hss-ee-key"
 
