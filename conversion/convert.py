@@ -36,6 +36,7 @@ from hss_ee_hf.ee_specs import spec_class_for
 from hss_ee_hf.engine import iter_stage_weights
 from hss_ee_hf.errors import ConversionError
 from hss_ee_hf.key import EEKey
+from hss_ee_hf.push import render_model_card
 from hss_ee_hf.ring import RingConfig
 from hss_ee_hf.stages import server_tensor_names
 
@@ -231,6 +232,8 @@ def convert(
             gen.save_pretrained(tmp)
         source.save_tokenizer(tmp)
         _write_scales(tmp, ee_config, info)
+        card = render_model_card(tmp, out_path.name, base_model=info.base_model, license=info.license)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         diffs = (None, None)
         if verify:
             diffs = verify_equivariance(source, tmp, spec.vocab_perm, tolerance)
