@@ -52,8 +52,10 @@ def decode_ms(model, inputs: dict, tokens: int) -> tuple[float, torch.Tensor]:
 
 @torch.no_grad()
 def prefill_ms(model, ids: dict) -> float:
-    model(**ids)  # warm-up
-    _, t = timed(model, **ids)
+    """Time to first token: `generate()` with one new token (prefill plus the logits of the last position)."""
+    kw = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+    model.generate(**ids, **kw)  # warm-up
+    _, t = timed(model.generate, **ids, **kw)
     return 1000.0 * t
 
 
