@@ -5,7 +5,8 @@ Public API (everything else is private by name):
 * [`HSSEEForCausalLM`]: the client model; `generate()` is transformers' own.
 * [`HSSEETextGenerationPipeline`]: `pipeline("hss-ee-text-generation", model=..., key=..., endpoints=...)`.
 * [`HSSEEConfig`]: a client configuration (`model_type="hss_ee"`) that `AutoConfig` and `AutoModelForCausalLM` know.
-* [`convert`]: turn a checkpoint into an EE checkpoint and a secret key.
+* [`convert`]: turn a checkpoint into an EE checkpoint and a secret key; [`push_to_hub`]: publish it.
+* [`HSSEEClientConfig`]: TLS, token, deadlines and retries of the client's gRPC connections.
 * [`EEKey`], [`RingConfig`], [`HSSEECheckpointInfo`]: the artifacts' data types.
 * the typed errors in `hss_ee_hf.errors`.
 
@@ -29,10 +30,13 @@ from .errors import (
     TransportError,
     UnsupportedArchitectureError,
 )
+from .integrity import CheatingServerError
 from .key import EEKey
 from .modeling import HSSEEForCausalLM
 from .pipelines import HSSEETextGenerationPipeline, register_pipeline
+from .push import PushRefusedError, push_to_hub
 from .ring import RingConfig
+from .security import HSSEEClientConfig
 
 __version__ = "0.1.0"
 
@@ -48,16 +52,19 @@ def convert(*args, **kwargs):
 
 
 __all__ = [
+    "CheatingServerError",
     "CheckpointError",
     "ConversionError",
     "EEKey",
     "HSSEECheckpointInfo",
+    "HSSEEClientConfig",
     "HSSEEConfig",
     "HSSEEError",
     "HSSEEForCausalLM",
     "HSSEETextGenerationPipeline",
     "KeyFileError",
     "KeyMismatchError",
+    "PushRefusedError",
     "RingConfig",
     "RingOverflowError",
     "StageError",
@@ -65,4 +72,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "__version__",
     "convert",
+    "push_to_hub",
 ]

@@ -99,7 +99,8 @@ class HSSEEConfig(PreTrainedConfig):
         if self.endpoints is not None:
             if isinstance(self.endpoints, str) or len(self.endpoints) != 2:
                 raise ValueError(
-                    f"HSSEEConfig.endpoints must be two 'host:port' strings (server A, server B), got {self.endpoints!r}"
+                    "HSSEEConfig.endpoints must be two 'host:port' strings (server A, server B), "
+                    f"got {self.endpoints!r}"
                 )
             self.endpoints = [str(e) for e in self.endpoints]
         if not self.timeout > 0:

@@ -108,9 +108,13 @@ class ServeCommand(Command):
             default=0.0,
             help="batch concurrent sessions' requests for one stage arriving within this many ms (default 0: off)",
         )
+        from .security import add_server_security_args
+
+        add_server_security_args(p)
 
     def run(self, args):
         from .hub import resolve_server_files
+        from .security import server_security_from_args
         from .server import serve
 
         folder = resolve_server_files(
@@ -123,6 +127,8 @@ class ServeCommand(Command):
             device=args.device,
             max_rows=args.max_rows,
             max_workers=args.workers,
+            security=server_security_from_args(args),
+            batch_window_ms=args.batch_window_ms,
         )
         return 0
 
@@ -146,6 +152,14 @@ class GenerateCommand(Command):
         p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
         p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
+        p.add_argument(
+            "--verify",
+            action="store_true",
+            help="Freivalds-check every server reply so a cheating server is detected and named (needs the weights)",
+        )
+        from .security import add_client_security_args
+
+        add_client_security_args(p)
 
     def run(self, args):
         import torch
@@ -153,11 +167,19 @@ class GenerateCommand(Command):
 
         from .hub import resolve_client_files
         from .modeling import HSSEEForCausalLM
+        from .security import client_config_from_args
 
         folder = resolve_client_files(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
         tok = AutoTokenizer.from_pretrained(folder)
         with HSSEEForCausalLM.from_pretrained(
-            folder, key=args.key, endpoints=args.endpoints, timeout=args.timeout
+            args.checkpoint,
+            key=args.key,
+            endpoints=args.endpoints,
+            timeout=args.timeout,
+            client_config=client_config_from_args(args),
+            verify=args.verify,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
         ) as model:
             if args.chat:
                 messages = [{"role": "user", "content": args.prompt}]

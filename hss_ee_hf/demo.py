@@ -87,6 +87,7 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
         extra_args (`list[str]`, *optional*): more `hss-ee serve` flags (e.g. `["--device", "cuda"]`).
     """
     from .grpc_transport import GrpcTransport
+    from .security import HSSEEClientConfig
 
     procs, endpoints, logs = [], [], []
     try:
@@ -105,7 +106,9 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
                     err = log.read().decode(errors="replace")[-2000:]
                     raise TransportError(endpoint, f"server exited with status {proc.returncode}:\n{err}")
                 try:
-                    with GrpcTransport((endpoint, endpoint), timeout=2.0) as probe:
+                    with GrpcTransport(
+                        (endpoint, endpoint), config=HSSEEClientConfig(timeout=2.0, retries=0)
+                    ) as probe:
                         probe.describe()
                     break
                 except TransportError:

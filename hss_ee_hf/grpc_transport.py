@@ -11,9 +11,10 @@ and says what to do.
 from __future__ import annotations
 
 import logging
-import random
-import time
-from collections.abc import Callable, Sequence
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import grpc
 import torch
@@ -160,7 +161,9 @@ class GrpcTransport(Transport):
             self._channels = tuple(grpc.secure_channel(e, credentials, options=options) for e in self.endpoints)
         self._stubs = tuple(hss_ee_pb2_grpc.ShareServerStub(channel) for channel in self._channels)
         self._metadata = config.call_metadata()
-        self._jitter = random.Random()  # retry jitter only; nothing secret comes from it
+        self._lock = threading.Lock()
+        # Two calls per stage; spare workers for a call left running after the other party failed.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hss-ee-grpc")
 
     def __repr__(self) -> str:
         return f"GrpcTransport(endpoints={self.endpoints}, config={self.config!r})"
@@ -169,49 +172,63 @@ class GrpcTransport(Transport):
         """Seconds to wait before retry `attempt` (0-based): exponential, capped, with +-20 % jitter."""
         c = self.config
         base = min(c.max_backoff, c.initial_backoff * c.backoff_multiplier**attempt)
-        return base * (0.8 + 0.4 * self._jitter.random())
+        # The library takes no randomness outside the OS CSPRNG, even for jitter (see csprng.py).
+        return base * (0.8 + 0.4 * int.from_bytes(os.urandom(2), "little") / 0xFFFF)
+
+    def _call_party(self, party: int, method: str, request, abandon: threading.Event):
+        """One party's call, retried with backoff while the server answers `UNAVAILABLE`.
+
+        Blocking calls on a pool thread: unlike `future()`, they start no gRPC polling thread per call.
+        """
+        endpoint = self.endpoints[party]
+        call = getattr(self._stubs[party], method)
+        attempt = 0
+        while True:
+            try:
+                return call(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                if code in RETRYABLE_CODES and attempt < self.config.retries and not abandon.is_set():
+                    delay = self._backoff(attempt)
+                    attempt += 1
+                    with self._lock:
+                        self.retried += 1
+                    logger.debug(
+                        "%s on %s: %s, retry %d/%d in %.3f s",
+                        method,
+                        endpoint,
+                        code.name,
+                        attempt,
+                        self.config.retries,
+                        delay,
+                    )
+                    if abandon.wait(delay):  # the other party failed for good: stop retrying
+                        raise _rpc_error(endpoint, err, self.config, attempts=attempt) from err
+                    continue
+                raise _rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
 
     def _call_both(self, method: str, requests: Sequence) -> list:
-        """Sends one request per party at once and waits for both, retrying a party that is `UNAVAILABLE`.
+        """Sends one request per party at once and waits for both (each retried while `UNAVAILABLE`).
 
-        On a failure that remains, the other call is cancelled and a `TransportError` names the failed server.
+        Raises:
+            `TransportError`: as soon as one party fails for good (party A first when both have), naming it.
         """
-        calls: list[Callable] = [getattr(stub, method) for stub in self._stubs]
-        futures = [
-            call.future(request, timeout=self.timeout, metadata=self._metadata)
-            for call, request in zip(calls, requests, strict=True)
-        ]
-        results = []
-        for party, endpoint in enumerate(self.endpoints):
-            attempt = 0
-            while True:
-                try:
-                    results.append(futures[party].result())
-                    break
-                except grpc.RpcError as err:
-                    code = err.code() if isinstance(err, grpc.Call) else None
-                    if code in RETRYABLE_CODES and attempt < self.config.retries:
-                        delay = self._backoff(attempt)
-                        attempt += 1
-                        self.retried += 1
-                        logger.debug(
-                            "%s on %s: %s, retry %d/%d in %.3f s",
-                            method,
-                            endpoint,
-                            code.name,
-                            attempt,
-                            self.config.retries,
-                            delay,
-                        )
-                        time.sleep(delay)
-                        futures[party] = calls[party].future(
-                            requests[party], timeout=self.timeout, metadata=self._metadata
-                        )
-                        continue
-                    for other in futures:
-                        other.cancel()
-                    raise _rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
-        return results
+        abandon = threading.Event()
+        try:
+            futures = [
+                self._pool.submit(self._call_party, party, method, request, abandon)
+                for party, request in enumerate(requests)
+            ]
+        except RuntimeError as err:  # the pool refuses work once close() has run
+            raise TransportError(
+                " and ".join(self.endpoints), "this transport is closed; create a new GrpcTransport"
+            ) from err
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                abandon.set()
+                raise future.exception()
+        return [future.result() for future in futures]
 
     def run_stage(
         self, fingerprint: str, stage: str, shares: Shares, out_features: int
@@ -282,6 +299,7 @@ class GrpcTransport(Transport):
                 )
 
     def close(self) -> None:
-        """Closes both channels (calls in flight are cancelled)."""
+        """Closes both channels (calls in flight are cancelled) and the worker threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for channel in self._channels:
             channel.close()

@@ -13,8 +13,10 @@ zero, so each of the `t` independent rows catches it with probability at least 1
 nonzero `e_j` in Z_2^64, including `2^63` (`R` entries are 0 or 1, never even multipliers that could cancel the
 top bit). `R` must stay secret: a server that knew it could craft errors in its kernel.
 
-Every product is computed exactly: both operands are split into unsigned 16-bit limbs and multiplied in
-float64, where every partial sum stays far below 2^53, then recombined with wrapping int64 shifts.
+Every product is computed exactly in the ring. For a few rows (decoding) a plain `int64` product, whose
+two's-complement wrap-around is reduction mod 2^64 (the definition of the server's work, `ring_matmul_reference`);
+for many rows (prefill) the operands are split into unsigned 16-bit limbs and multiplied in float64, where every
+partial sum stays below 2^53, then recombined with wrapping int64 shifts. Tests prove both against Python integers.
 
 [`VerifyingTransport`] wraps any transport and checks both replies of every stage before they are used.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable
 
@@ -48,6 +51,8 @@ _MAX_EXACT_OUT = 1 << 37
 _MAX_EXACT_IN = 1 << 21
 # Rows of x or y expanded to float64 limbs at once (bounds the client's extra memory).
 _CHUNK_ELEMENTS = 1 << 22
+# Up to about this many rows the int64 product beats the limb GEMMs (measured on a 2-core VM, one thread).
+_INT64_MAX_ROWS = 4
 
 
 class CheatingServerError(TransportError):
@@ -63,6 +68,8 @@ class CheatingServerError(TransportError):
 
 def _limbs(x: torch.Tensor) -> torch.Tensor:
     """`(n, k)` int64 ring elements -> `(N_LIMBS, n, k)` float64 unsigned 16-bit limbs, least significant first."""
+    if sys.byteorder == "little":  # the four uint16 words of an int64, read in place
+        return x.contiguous().view(torch.uint16).view(*x.shape, _N_LIMBS).permute(2, 0, 1).to(torch.float64)
     return torch.stack([(x >> (_LIMB_BITS * i)) & _LIMB_MASK for i in range(_N_LIMBS)]).to(torch.float64)
 
 
@@ -140,6 +147,8 @@ class FreivaldsVerifier:
         self.rows = rows
         self._r: dict[str, torch.Tensor] = {}  # (t, out) 0/1 as uint8: compact, widened per check
         self._u: dict[str, torch.Tensor] = {}  # (t, in) int64, U = R · W_int (exact, |U| < out * 2^15)
+        # Limbs of U, (4, t, in), made on the first check with many rows; float32 holds 16-bit limbs exactly.
+        self._u_limbs: dict[str, torch.Tensor] = {}
         self.dims: dict[str, tuple[int, int]] = {}
         self.checks = 0
         self.seconds = 0.0
@@ -186,9 +195,13 @@ class FreivaldsVerifier:
         return cls(weights, rows=rows, rng=rng)
 
     def _sides(self, stage: str, x_share: torch.Tensor, y_share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(R · yᵀ, U · xᵀ)` mod 2^64, each `(t, n)`, in chunks of rows."""
-        r = self._r[stage].to(torch.float64)
-        u_limbs = _limbs(self._u[stage])
+        """`(R · yᵀ, U · xᵀ)` mod 2^64, each `(t, n)`."""
+        if x_share.shape[0] <= _INT64_MAX_ROWS:
+            return self._r[stage].to(torch.int64) @ y_share.T, self._u[stage] @ x_share.T  # wrap = mod 2^64
+        u_limbs = self._u_limbs.get(stage)
+        if u_limbs is None:
+            u_limbs = self._u_limbs[stage] = _limbs(self._u[stage]).to(torch.float32)
+        r, u_limbs = self._r[stage].to(torch.float64), u_limbs.to(torch.float64)
         in_f, out_f = self.dims[stage]
         step = max(1, _CHUNK_ELEMENTS // (_N_LIMBS * max(in_f, out_f)))
         lhs, rhs = [], []
@@ -196,6 +209,45 @@ class FreivaldsVerifier:
             lhs.append(_binary_matmul_nt(r, y_share[i : i + step]))
             rhs.append(ring_matmul_nt(u_limbs, x_share[i : i + step]))
         return torch.cat(lhs, dim=1), torch.cat(rhs, dim=1)
+
+    def _verify(self, stage: str, parts: list[tuple[torch.Tensor, torch.Tensor, str]]) -> None:
+        """Checks `(x_share, y_share, endpoint)` triples of one stage with one product per side."""
+        start = time.perf_counter()
+        dims = self.dims.get(stage)
+        if dims is None:
+            raise StageError(
+                f"the integrity verifier has no check rows for stage {stage!r}; build it from the same EE "
+                "checkpoint the client loads"
+            )
+        in_f, out_f = dims
+        for x_share, y_share, endpoint in parts:
+            if x_share.dim() != 2 or x_share.shape[1] != in_f or x_share.dtype != torch.int64:
+                raise StageError(f"stage {stage} takes (n, {in_f}) int64 input shares, got {tuple(x_share.shape)}")
+            if y_share.shape != (x_share.shape[0], out_f) or y_share.dtype != torch.int64:
+                raise CheatingServerError(
+                    endpoint,
+                    f"stage {stage}: the output share has shape {tuple(y_share.shape)}, expected "
+                    f"({x_share.shape[0]}, {out_f}); the server is faulty or cheating, stop using it",
+                )
+        # Both parties' rows in one product: fewer, larger matrix products.
+        x = torch.cat([p[0].cpu() for p in parts]) if len(parts) > 1 else parts[0][0].cpu()
+        y = torch.cat([p[1].cpu() for p in parts]) if len(parts) > 1 else parts[0][1].cpu()
+        lhs, rhs = self._sides(stage, x, y)
+        failed_rows = (lhs != rhs).any(dim=0)  # per input row
+        self.checks += len(parts)
+        self.seconds += time.perf_counter() - start
+        offset = 0
+        for x_share, _, endpoint in parts:
+            failed = failed_rows[offset : offset + x_share.shape[0]]
+            offset += x_share.shape[0]
+            if bool(failed.any()):
+                logger.warning("integrity check failed: stage %s from %s", stage, endpoint)
+                raise CheatingServerError(
+                    endpoint,
+                    f"stage {stage}: the output share fails the Freivalds integrity check in {int(failed.sum())} "
+                    f"of {failed.numel()} rows, so it is not x·Wᵀ for the input this server was sent. The server is "
+                    "faulty or cheating; the reply was discarded. Stop using this server and tell whoever runs it",
+                )
 
     def check(self, stage: str, x_share: torch.Tensor, y_share: torch.Tensor, endpoint: str) -> None:
         """Checks one server's output share of one stage.
@@ -211,39 +263,12 @@ class FreivaldsVerifier:
             `CheatingServerError`: the share is wrong (names `endpoint`).
             `StageError`: the verifier has no rows for `stage`, or `x_share` has the wrong shape (a client bug).
         """
-        start = time.perf_counter()
-        dims = self.dims.get(stage)
-        if dims is None:
-            raise StageError(
-                f"the integrity verifier has no check rows for stage {stage!r}; build it from the same EE "
-                "checkpoint the client loads"
-            )
-        in_f, out_f = dims
-        if x_share.dim() != 2 or x_share.shape[1] != in_f or x_share.dtype != torch.int64:
-            raise StageError(f"stage {stage} takes (n, {in_f}) int64 input shares, got {tuple(x_share.shape)}")
-        if y_share.shape != (x_share.shape[0], out_f) or y_share.dtype != torch.int64:
-            raise CheatingServerError(
-                endpoint,
-                f"stage {stage}: the output share has shape {tuple(y_share.shape)}, expected "
-                f"({x_share.shape[0]}, {out_f}); the server is faulty or cheating, stop using it",
-            )
-        lhs, rhs = self._sides(stage, x_share.cpu(), y_share.cpu())
-        failed = (lhs != rhs).any(dim=0)  # per input row
-        self.checks += 1
-        self.seconds += time.perf_counter() - start
-        if bool(failed.any()):
-            logger.warning("integrity check failed: stage %s from %s", stage, endpoint)
-            raise CheatingServerError(
-                endpoint,
-                f"stage {stage}: the output share fails the Freivalds integrity check in {int(failed.sum())} of "
-                f"{failed.numel()} rows, so it is not x·Wᵀ for the input this server was sent. The server is "
-                "faulty or cheating; the reply was discarded. Stop using this server and tell whoever runs it",
-            )
+        self._verify(stage, [(x_share, y_share, endpoint)])
 
     def check_stage(
         self, stage: str, shares: Shares, y_a: torch.Tensor, y_b: torch.Tensor, endpoints: tuple[str, str]
     ) -> None:
-        """Checks both servers' output shares of one stage call (party A first).
+        """Checks both servers' output shares of one stage call.
 
         Args:
             stage (`str`): stage name.
@@ -253,10 +278,9 @@ class FreivaldsVerifier:
             endpoints (`tuple[str, str]`): the two servers (`Transport.endpoints`).
 
         Raises:
-            `CheatingServerError`: naming the first server whose share is wrong.
+            `CheatingServerError`: naming the server whose share is wrong (party A if both are).
         """
-        self.check(stage, shares.a, y_a, endpoints[0])
-        self.check(stage, shares.b, y_b, endpoints[1])
+        self._verify(stage, [(shares.a, y_a, endpoints[0]), (shares.b, y_b, endpoints[1])])
 
 
 class VerifyingTransport(Transport):

@@ -23,24 +23,25 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .checkpoint import HSSEECheckpointInfo, short
 from .errors import CheckpointError, HSSEEError
-from .hub import resolve_client_files
+from .hub import resolve_client_files, resolve_server_files
 from .key import EEKey
 from .protocol import StageClient
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteLinear, UnpermutedHead
+from .security import HSSEEClientConfig
 from .stages import stage_layout
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
 
-def _make_transport(endpoints, transport: Transport | None, timeout: float) -> Transport:
+def _make_transport(endpoints, transport: Transport | None, timeout: float | None, client_config) -> Transport:
     if transport is not None:
         return transport
     if endpoints is None or len(endpoints) != 2:
         raise ValueError('pass endpoints=("hostA:port", "hostB:port") (two share servers) or a transport')
     from .grpc_transport import GrpcTransport
 
-    return GrpcTransport(tuple(endpoints), timeout=timeout)
+    return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
 
 
 class HSSEEForCausalLM:
@@ -76,7 +77,10 @@ class HSSEEForCausalLM:
         key: EEKey | str | os.PathLike,
         endpoints: tuple[str, str] | list[str] | None = None,
         transport: Transport | None = None,
-        timeout: float = 60.0,
+        client_config: HSSEEClientConfig | None = None,
+        timeout: float | None = None,
+        verify: bool = False,
+        verify_rows: int = 40,
         max_rows: int = 4096,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -93,7 +97,14 @@ class HSSEEForCausalLM:
             endpoints (`tuple[str, str]`, *optional*): `host:port` of share servers A and B.
             transport (`Transport`, *optional*): a ready transport instead of `endpoints` (e.g.
                 `InProcessTransport` for a single-machine trial).
-            timeout (`float`, *optional*): per-call deadline in seconds for gRPC.
+            client_config (`HSSEEClientConfig`, *optional*): TLS / mutual TLS, bearer token, deadline and retries
+                for the gRPC connections.
+            timeout (`float`, *optional*): per-call deadline in seconds for gRPC (overrides `client_config`).
+            verify (`bool`, *optional*, defaults to `False`): Freivalds-check every output share so a cheating
+                server is detected and named (`CheatingServerError`). Needs the server weights once, to
+                precompute the secret check rows.
+            verify_rows (`int`, *optional*, defaults to 40): secret check rows; a wrong share passes with
+                probability at most `2^-verify_rows`.
             max_rows (`int`, *optional*): the most rows sent in one request (longer prompts are split).
             revision, cache_dir, token, local_files_only: as in `transformers`' `from_pretrained`.
             kwargs: config overrides (e.g. `attn_implementation="eager"`).
@@ -125,8 +136,22 @@ class HSSEEForCausalLM:
         klass = type(f"HSSEE{base.__name__}", (cls, base), {"__module__": __name__})
         with init_empty_weights():
             model = klass(config)
-        transport = _make_transport(endpoints, transport, timeout)
+        transport = _make_transport(endpoints, transport, timeout, client_config)
         try:
+            if verify:
+                from .integrity import FreivaldsVerifier, VerifyingTransport
+
+                weights = resolve_server_files(
+                    pretrained_model_name_or_path,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    token=token,
+                    local_files_only=local_files_only,
+                )
+                transport = VerifyingTransport(transport, FreivaldsVerifier.from_checkpoint(weights, rows=verify_rows))
+            if hasattr(transport, "check_fingerprint"):  # fail at load, naming the server, not at generate()
+                transport.check_fingerprint(info.fingerprint)
+                max_rows = min([max_rows, *(d["max_rows"] for d in transport.describe())])
             model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows)
         except BaseException:
             transport.close()

@@ -26,6 +26,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
 from .auto import load_client
+from .errors import HSSEEError
 from .key import EEKey
 from .modeling import HSSEEForCausalLM
 from .transport import Transport
@@ -116,7 +117,9 @@ class HSSEETextGenerationPipeline(TextGenerationPipeline):
         try:
             if tokenizer is None:
                 tokenizer = _checkpoint_tokenizer(model)
-            super().__init__(model, *args, tokenizer=tokenizer, device=model.device if device is None else device, **kwargs)
+            super().__init__(
+                model, *args, tokenizer=tokenizer, device=model.device if device is None else device, **kwargs
+            )
         except BaseException:
             if owns_model:
                 model.close()
@@ -127,6 +130,18 @@ class HSSEETextGenerationPipeline(TextGenerationPipeline):
         """Accepts exactly the HSS-EE client models (their class names are not in transformers' tables)."""
         if not isinstance(self.model, HSSEEForCausalLM):
             raise TypeError(f"{type(self.model).__name__} is not an HSS-EE client model")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Refuses: a client pipeline holds only the client side of an EE checkpoint (and its key must stay private).
+
+        Raises:
+            `HSSEEError`: always, saying what to share instead.
+        """
+        raise HSSEEError(
+            "an HSS-EE pipeline cannot be saved: share the EE checkpoint folder itself (or `hss-ee push` it), keep "
+            f"the key to yourself, and rebuild the pipeline with pipeline('{TASK}', model=CHECKPOINT, key=..., "
+            "endpoints=...)"
+        )
 
     def close(self) -> None:
         """Closes the connection to the share servers if this pipeline opened it (a passed-in model stays open)."""

@@ -100,7 +100,7 @@ class StageClient:
             self._run_rows(stage, rows[i : i + self.max_rows], scale) for i in range(0, rows.shape[0], self.max_rows)
         ]
         y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return y.to(x.dtype).reshape(*x.shape[:-1], scale.numel())
+        return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], scale.numel())
 
     def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()

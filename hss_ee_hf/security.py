@@ -2,9 +2,9 @@
 
 [`HSSEEClientConfig`] says how a client reaches its two servers (CA to trust, optional client certificate,
 bearer token, deadline, retries); [`HSSEEServerSecurity`] says what a server demands (its certificate, an
-optional client CA that turns on mutual TLS, accepted tokens). Both read PEM and token files once, when
-they are built, and never show a key or a token in their `repr` or in a message. The argparse helpers let
-`hss-ee serve` and `hss-ee generate` share the flag names.
+optional client CA that turns on mutual TLS, accepted tokens). Token files are read when a config is built,
+PEM files when a channel or a server is made; neither class shows a key or a token in its `repr` or in a
+message. The argparse helpers give `hss-ee serve` and `hss-ee generate` the same flag names.
 
 TLS protects the shares and the token on the wire; it does not change what a server itself learns
 (see SECURITY.md).

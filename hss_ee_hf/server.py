@@ -100,6 +100,15 @@ def fitting_max_rows(engine: StageEngine) -> int:
     return max(1, (GRPC_MAX_MESSAGE_BYTES - MESSAGE_HEADROOM_BYTES) // per_row)
 
 
+def fit_max_rows(engine: StageEngine) -> None:
+    """Lowers `engine.max_rows` when its widest stage (often `lm_head`) would not fit in one gRPC message."""
+    if engine.max_message_bytes + MESSAGE_HEADROOM_BYTES > GRPC_MAX_MESSAGE_BYTES:
+        engine.max_rows = fitting_max_rows(engine)
+        if engine.batcher is not None:
+            engine.batcher.max_rows = engine.max_rows
+        logger.info("max_rows lowered to %d so the widest stage fits in one gRPC message", engine.max_rows)
+
+
 class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
     """The `ShareServer` gRPC service over one [`StageEngine`]; stateless between requests.
 
@@ -110,7 +119,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
 
     ```python
     >>> # `start_server` registers it with a parser that turns an undecodable body into INVALID_ARGUMENT
-    >>> server, port = start_server(StageEngine("smollm2-ee"), port=0)
+    >>> server, port = start_server(StageEngine("smollm2-ee", max_rows=4096), port=0)
     ```
     """
 
@@ -254,6 +263,8 @@ def start_server(
 ) -> tuple[grpc.Server, int]:
     """Starts a share server for `engine` in background threads and returns at once.
 
+    The engine's `max_rows` must let its widest stage fit in one gRPC message (`fit_max_rows` lowers it).
+
     The gRPC message limits are raised to fit the engine's largest stage payload (plus framing), and the
     standard health service (`grpc.health.v1.Health`) reports `SERVING` for `""` and `hss_ee.v1.ShareServer`.
 
@@ -276,7 +287,7 @@ def start_server(
     Example:
 
     ```python
-    >>> server, port = start_server(StageEngine("smollm2-ee"), port=0)
+    >>> server, port = start_server(StageEngine("smollm2-ee", max_rows=4096), port=0)
     >>> transport = GrpcTransport((f"127.0.0.1:{port}", "10.0.0.2:50051"))
     >>> server.stop(grace=1.0).wait()
     ```
@@ -296,6 +307,7 @@ def serve(
     grace: float = DEFAULT_GRACE_SECONDS,
     progress: bool = True,
     security: HSSEEServerSecurity | None = None,
+    batch_window_ms: float = 0.0,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -317,6 +329,8 @@ def serve(
         security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens
             (`security.server_security_from_args` builds it from `--tls-cert`, `--tls-key`, `--tls-client-ca`,
             `--token-file`).
+        batch_window_ms (`float`, *optional*, defaults to 0): batch concurrent sessions' requests for the same
+            stage that arrive within this many milliseconds into one product (0 turns batching off).
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -330,10 +344,15 @@ def serve(
     >>> serve("smollm2-ee", host="0.0.0.0", port=50051)  # blocks until Ctrl-C
     ```
     """
-    engine = StageEngine(checkpoint, device=device, max_rows=max_rows or DEFAULT_MAX_ROWS, progress=progress)
-    if max_rows is None and engine.max_message_bytes + MESSAGE_HEADROOM_BYTES > GRPC_MAX_MESSAGE_BYTES:
-        engine.max_rows = fitting_max_rows(engine)
-        logger.info("max_rows lowered to %d so the widest stage fits in one gRPC message", engine.max_rows)
+    engine = StageEngine(
+        checkpoint,
+        device=device,
+        max_rows=max_rows or DEFAULT_MAX_ROWS,
+        progress=progress,
+        batch_window_ms=batch_window_ms,
+    )
+    if max_rows is None:
+        fit_max_rows(engine)
     server, bound, health_servicer = _start(engine, host, port, max_workers, security)
 
     stop = threading.Event()

@@ -53,6 +53,11 @@ class Transport(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases connections and threads."""
 
+    def __deepcopy__(self, memo):
+        # A transport is a connection handle: copies of configs and kwargs (transformers deep-copies
+        # `from_pretrained` kwargs) must share it, not try to clone sockets and threads.
+        return self
+
     def __enter__(self):
         return self
 

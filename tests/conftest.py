@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TINY_FINGERPRINT = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread() -> Iterator[None]:
+    """Runs a module's tests with one intra-op thread, restoring the setting afterwards.
+
+    The tiny matrices of these tests gain nothing from threads, and on a busy 2-core runner OpenMP's
+    spinning workers make each small product up to a hundred times slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from hss_ee_hf.errors import StageRequestError, TransportError
 from hss_ee_hf.grpc_transport import GrpcTransport
 from hss_ee_hf.protos import hss_ee_pb2, hss_ee_pb2_grpc
 from hss_ee_hf.ring import RingConfig, quantize_weight
+from hss_ee_hf.security import HSSEEClientConfig
 from hss_ee_hf.server import SERVICE_NAME, ShareServerError, message_limit, serve, start_server
 from hss_ee_hf.sharing import share
 from hss_ee_hf.transport import InProcessTransport, Transport
@@ -219,6 +220,21 @@ def test_dead_endpoint_fails_fast_naming_it(endpoints: tuple[str, str]):
         assert time.monotonic() - start < 5.0
     assert info.value.endpoint == dead
     assert "UNAVAILABLE" in str(info.value) and "hss-ee serve" in str(info.value)
+
+
+def test_explicit_arguments_override_the_client_config(endpoints: tuple[str, str]):
+    config = HSSEEClientConfig(timeout=30.0, max_message_bytes=1 << 20)
+    with GrpcTransport(endpoints, timeout=2.5, config=config) as transport:
+        assert transport.timeout == 2.5 and transport.config is config
+    with GrpcTransport(endpoints, config=config) as transport:
+        assert transport.timeout == 30.0
+
+
+def test_a_closed_transport_says_so(endpoints: tuple[str, str]):
+    transport = GrpcTransport(endpoints, timeout=5.0)
+    transport.close()
+    with pytest.raises(TransportError, match="this transport is closed"):
+        transport.run_stage(FINGERPRINT, "layers.0.qkv", share(random_ring(1, HIDDEN, seed=4)), out_features=64)
 
 
 @pytest.mark.parametrize("service", ["", SERVICE_NAME])
