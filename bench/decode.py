@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="folder for converted models (default: a temporary folder)")
     p.add_argument("--plot", default="bench/results/decode_breakdown.png", help="where to write the PNG plot")
     p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
+    p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
     args = p.parse_args(argv)
     quiet()
     wd = workdir(args.workdir)
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     prefill_plain = {n: prefill_ms(plain, prompt_ids(None, vocab, n)) for n in args.prefill}
     layers = plain.config.num_hidden_layers
     del plain
-    with local_servers(ee, extra_args=["--device", args.device]) as endpoints:
+    server_args = ["--device", args.device]
+    if args.server_threads:
+        server_args += ["--threads", str(args.server_threads)]
+    with local_servers(ee, extra_args=server_args) as endpoints:
         with HSSEEForCausalLM.from_pretrained(ee, key=key, endpoints=endpoints) as model:
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
             model.hss_ee_stats.reset()

@@ -99,6 +99,11 @@ class ServeCommand(Command):
             help="most rows (tokens) one request may carry (default: 8192, or fewer if the widest stage needs it)",
         )
         p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+        p.add_argument(
+            "--threads",
+            type=int,
+            help="torch compute threads (default: torch's choice; use 1 when client and servers share a few cores)",
+        )
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
         p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
         p.add_argument("--token", help="Hub token for a private repo (default: the logged-in token)")
@@ -113,10 +118,14 @@ class ServeCommand(Command):
         add_server_security_args(p)
 
     def run(self, args):
+        import torch
+
         from .hub import resolve_server_files
         from .security import server_security_from_args
         from .server import serve
 
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         folder = resolve_server_files(
             args.checkpoint, revision=args.revision, cache_dir=args.cache_dir, token=args.token
         )
