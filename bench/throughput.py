@@ -62,12 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--workdir")
-    p.add_argument("--server-args", nargs="*", default=[], help="extra `hss-ee serve` flags, e.g. --batch-window-ms 2")
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=2.0,
+        help="servers' batching window (`hss-ee serve --batch-window-ms`)",
+    )
+    p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
     args = p.parse_args(argv)
     quiet()
     _, ee, key, _ = prepare(args.model, workdir(args.workdir))
     base = None
-    with local_servers(ee, extra_args=args.server_args) as endpoints:
+    server_args = ["--batch-window-ms", str(args.batch_window_ms)]
+    if args.server_threads:
+        server_args += ["--threads", str(args.server_threads)]
+    with local_servers(ee, extra_args=server_args) as endpoints:
         for n in args.sessions:
             tps = run(ee, key, endpoints, n, args.tokens)
             base = base or tps
