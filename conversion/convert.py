@@ -44,7 +44,7 @@ from .source import ModelSource, open_source
 from .verify import verify_equivariance
 
 logger = logging.getLogger(__name__)
-DEFAULT_SHARD_BYTES = 512 * 1024**2
+DEFAULT_SHARD_BYTES = 256 * 1024**2
 
 
 @dataclass

@@ -107,17 +107,10 @@ class FolderSource(ModelSource):
         return [sorted(names) for _, names in sorted(groups.items())]
 
     def get(self, name):
+        # One open per tensor: safetensors memory-maps the file, and pages read through a mapping that stays
+        # open count as resident memory; closing it after each tensor keeps the footprint at one tensor.
         with safe_open(str(self._files[name]), "pt") as f:
             return f.get_tensor(name)
-
-    def iter_tensors(self, names):
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self._files[name], []).append(name)
-        for file, group in by_file.items():
-            with safe_open(str(file), "pt") as f:
-                for name in group:
-                    yield name, f.get_tensor(name)
 
     def save_tokenizer(self, out):
         copied = []

@@ -18,6 +18,8 @@ from .csprng import ChaChaStream
 from .ee_math import AttentionTransform, MLPTransform, orthogonal_fixing_ones
 from .errors import ConversionError, UnsupportedArchitectureError
 
+VOCAB_BLOCK_ROWS = 4096
+
 
 class EESpec:
     """Base class: an architecture family's EE recipe.
@@ -90,14 +92,22 @@ class EESpec:
 
     def embedding(self, table: torch.Tensor) -> torch.Tensor:
         """`E_ee[pi[t]] = E[t] Q`, for the token embedding and for output heads."""
-        out = torch.empty_like(table)
-        out[self.vocab_perm] = table @ self.rotation
-        return out
+        return self._rows_through(table, None)
 
     def head(self, w: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
         """lm_head: reads the rotated final norm (gamma folded), rows permuted like the vocabulary."""
-        out = torch.empty(w.shape, dtype=torch.float64)
-        out[self.vocab_perm] = self.input_side(w, gamma)
+        return self._rows_through(w, gamma)
+
+    def _rows_through(self, table: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        """`out[pi[t]] = (table[t] * gamma) Q` in float64, a block of rows at a time into a float32 result.
+
+        Vocabulary-sized tables are the largest tensors of a model; blocks keep the float64 work to a few
+        MB instead of several copies of the whole table.
+        """
+        out = torch.empty(table.shape, dtype=torch.float32)
+        for start in range(0, table.shape[0], VOCAB_BLOCK_ROWS):
+            block = table[start : start + VOCAB_BLOCK_ROWS].to(torch.float64)
+            out[self.vocab_perm[start : start + VOCAB_BLOCK_ROWS]] = self.input_side(block, gamma).to(torch.float32)
         return out
 
 
@@ -130,14 +140,14 @@ class LlamaFamilySpec(EESpec):
         return name.endswith("layernorm.weight") or name == "model.norm.weight"
 
     def transform(self, name, tensor, small):
-        w = tensor.to(torch.float64)
         if name == "model.embed_tokens.weight":
-            out = {name: self.embedding(w)}
+            out = {name: self.embedding(tensor)}
             if self.config.tie_word_embeddings:
-                out["lm_head.weight"] = self.head(w, small["model.norm.weight"])
+                out["lm_head.weight"] = self.head(tensor, small["model.norm.weight"])
             return out
         if name == "lm_head.weight":
-            return {name: self.head(w, small["model.norm.weight"])}
+            return {name: self.head(tensor, small["model.norm.weight"])}
+        w = tensor.to(torch.float64)
         if self.needs_first_pass(name):
             return {name: torch.ones_like(w)}
         layer = _layer(name)
@@ -204,12 +214,12 @@ class GPT2Spec(EESpec):
         return self.input_side(w, gamma), b + w @ beta
 
     def transform(self, name, tensor, small):
-        w = tensor.to(torch.float64)
         if name == "transformer.wte.weight":
             gamma = small["transformer.ln_f.weight"].to(torch.float64)
-            return {name: self.embedding(w), "lm_head.weight": self.head(w, gamma)}
+            return {name: self.embedding(tensor), "lm_head.weight": self.head(tensor, gamma)}
         if name == "lm_head.weight":  # an untied head in the source: same treatment
-            return {name: self.head(w, small["transformer.ln_f.weight"])}
+            return {name: self.head(tensor, small["transformer.ln_f.weight"])}
+        w = tensor.to(torch.float64)
         if name == "transformer.wpe.weight":
             return {name: w @ self.rotation}
         if name == "transformer.ln_f.bias":

@@ -33,6 +33,7 @@ _LIMB_MASK = (1 << LIMB_BITS) - 1
 OUTPUT_BITS = 62
 MAX_HEADROOM_BITS = 24
 MAX_IN_FEATURES = 1 << 15
+QUANTIZE_BLOCK_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,17 @@ def quantize_weight(weight: torch.Tensor, config: RingConfig) -> tuple[torch.Ten
         `(w_int, scale)`: `int64` integers with `|w_int| <= config.weight_max` and the float64
         `(out,)` scales `s = max|W_row| / weight_max` (1 for all-zero rows).
     """
-    w = weight.detach().to(torch.float64)
-    peak = w.abs().amax(dim=1)
-    scale = torch.where(peak > 0, peak / config.weight_max, torch.ones_like(peak))
-    w_int = torch.round(w / scale.unsqueeze(1)).clamp_(-config.weight_max, config.weight_max).to(torch.int64)
+    weight = weight.detach()
+    w_int = torch.empty(weight.shape, dtype=torch.int64)
+    scale = torch.empty(weight.shape[0], dtype=torch.float64)
+    for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):  # blocks bound the float64 temporaries
+        w = weight[start : start + QUANTIZE_BLOCK_ROWS].to(torch.float64)
+        peak = w.abs().amax(dim=1)
+        s = torch.where(peak > 0, peak / config.weight_max, torch.ones_like(peak))
+        w_int[start : start + w.shape[0]] = torch.round(w / s.unsqueeze(1)).clamp_(
+            -config.weight_max, config.weight_max
+        )
+        scale[start : start + w.shape[0]] = s
     return w_int, scale
 
 
