@@ -30,7 +30,7 @@ def random_token_ids(vocab_size: int, batch: int = 2, length: int = 16) -> torch
     return torch.remainder(words, vocab_size)
 
 
-VERIFY_MEMORY_BYTES = 1024**3
+VERIFY_MEMORY_BYTES = 256 * 1024**2
 
 
 def load_bounded(folder: Path, offload_dir: Path, memory_bytes: int = VERIFY_MEMORY_BYTES):
