@@ -176,7 +176,8 @@ def run_demo(max_new_tokens: int = 32, cache_dir: str | None = None, reconvert: 
                     f"  matches plaintext token for token: {'yes' if match else 'NO'} | "
                     f"secure {secure_ms:.1f} ms/token, plaintext {plain_ms:.1f} ms/token "
                     f"(ratio {secure_ms / plain_ms:.2f}x) | {stats.round_trips / steps:.0f} round trips/token, "
-                    f"{(stats.bytes_sent + stats.bytes_received) / steps / 1e6:.2f} MB/token on the wire",
+                    f"{(stats.bytes_sent + stats.bytes_received) / steps / 1e6:.2f} MB/token on the wire "
+                    "(prefill included)",
                     flush=True,
                 )
     print(f"\nAll prompts match plaintext: {'yes' if all_match else 'NO'}")
