@@ -7,7 +7,6 @@ and prints one JSON object per line.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -47,12 +46,6 @@ MODELS = ("smollm2", *RANDOM_CONFIGS)
 def emit(record: dict) -> None:
     """Prints one measurement as a JSON line."""
     print(json.dumps(record), flush=True)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (and waited-for children) in MB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return own / 1024.0
 
 
 def quiet() -> None:

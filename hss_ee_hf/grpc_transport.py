@@ -282,17 +282,21 @@ class GrpcTransport(Transport):
             for reply, endpoint in zip(replies, self.endpoints, strict=True)
         )
 
-    def check_fingerprint(self, fingerprint: str) -> None:
+    def check_fingerprint(self, fingerprint: str) -> tuple[dict, dict]:
         """Checks that both servers serve the checkpoint `fingerprint` with this client's protocol version.
 
         Args:
             fingerprint (`str`): the EE checkpoint's fingerprint (`HSSEECheckpointInfo.fingerprint`).
 
+        Returns:
+            `tuple[dict, dict]`: the servers' `describe()` answers, so a caller needs no second round trip.
+
         Raises:
             `TransportError`: naming the first server that is unreachable, serves another checkpoint, or speaks
                 another protocol version.
         """
-        for info in self.describe():
+        infos = self.describe()
+        for info in infos:
             if info["fingerprint"] != fingerprint:
                 raise TransportError(
                     info["endpoint"],
@@ -305,6 +309,7 @@ class GrpcTransport(Transport):
                     f"speaks protocol version {info['protocol_version']}, this client {PROTOCOL_VERSION}; "
                     "run the same hss-ee-hf version on client and servers",
                 )
+        return infos
 
     def close(self) -> None:
         """Closes both channels (calls in flight are cancelled) and the worker threads."""

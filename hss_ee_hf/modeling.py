@@ -150,8 +150,8 @@ class HSSEEForCausalLM:
                 )
                 transport = VerifyingTransport(transport, FreivaldsVerifier.from_checkpoint(weights, rows=verify_rows))
             if hasattr(transport, "check_fingerprint"):  # fail at load, naming the server, not at generate()
-                transport.check_fingerprint(info.fingerprint)
-                max_rows = min([max_rows, *(d["max_rows"] for d in transport.describe())])
+                servers = transport.check_fingerprint(info.fingerprint)
+                max_rows = min([max_rows, *(d["max_rows"] for d in servers)])
             model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows)
         except BaseException:
             transport.close()
