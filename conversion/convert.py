@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hss_ee_hf.architectures import spec_class_for
 from hss_ee_hf.checkpoint import (
     CLIENT_SHARD,
     CONFIG_KEY,
@@ -32,7 +33,6 @@ from hss_ee_hf.checkpoint import (
     tensor_digest,
 )
 from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.ee_specs import spec_class_for
 from hss_ee_hf.engine import iter_stage_weights
 from hss_ee_hf.errors import ConversionError
 from hss_ee_hf.key import EEKey
@@ -80,7 +80,9 @@ class _ShardWriter:
         self._count = 0
 
     def add(self, name: str, tensor: torch.Tensor, client: bool = False, client_buffer: dict | None = None) -> None:
-        tensor = tensor.to(torch.float32).contiguous()
+        if tensor.is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked) keep their dtype
+            tensor = tensor.to(torch.float32)
+        tensor = tensor.contiguous()
         self.digests[name] = tensor_digest(name, tensor)
         if client:
             client_buffer[name] = tensor
@@ -123,19 +125,17 @@ def _check_paths(out: Path, key_path: Path, force: bool) -> None:
 
 def _write_ee_tensors(source: ModelSource, spec, ee_config, tmp: Path, shard_bytes: int) -> str:
     """Streams every tensor through the spec; returns the fingerprint."""
+    spec.source_names = {n for group in source.shards() for n in group}
     first_pass = [n for group in source.shards() for n in group if spec.needs_first_pass(n)]
     small = dict(source.iter_tensors(first_pass))
     server = server_tensor_names(ee_config)
     writer = _ShardWriter(tmp, shard_bytes)
     client: dict[str, torch.Tensor] = {}
-    tied = getattr(source.config, "tie_word_embeddings", False)
     total = sum(len(g) for g in source.shards())
     with tqdm(total=total, desc="EE-transforming tensors", unit="tensor") as bar:
         for group in source.shards():
             for name, tensor in source.iter_tensors(group):
                 bar.update(1)
-                if name == "lm_head.weight" and tied:
-                    continue  # rebuilt from the embedding, untied
                 for out_name, out_tensor in spec.transform(name, tensor, small).items():
                     writer.add(out_name, out_tensor, client=out_name not in server, client_buffer=client)
     writer.flush()
@@ -236,7 +236,7 @@ def convert(
         (tmp / "README.md").write_text(card, encoding="utf-8")
         diffs = (None, None)
         if verify:
-            diffs = verify_equivariance(source, tmp, spec.vocab_perm, tolerance)
+            diffs = verify_equivariance(source, tmp, spec, tolerance)
         ee_key = EEKey(vocab_perm=spec.vocab_perm.clone(), fingerprint=fingerprint)
         key_tmp = ee_key.write_temp(key_path)
         _make_public(tmp)

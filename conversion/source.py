@@ -71,8 +71,8 @@ class ModelSource:
         """The `license` of the source's model card metadata, when it has one."""
         return None
 
-    def load_model(self) -> torch.nn.Module:
-        """The original model in float32 (for verification)."""
+    def load_model(self, auto_class: str = "AutoModelForCausalLM") -> torch.nn.Module:
+        """The original model in float32 (for verification), loaded through the named transformers Auto class."""
         raise NotImplementedError
 
 
@@ -137,11 +137,11 @@ class FolderSource(ModelSource):
             return None
         return value if isinstance(value, str) else None
 
-    def load_model(self):
+    def load_model(self, auto_class="AutoModelForCausalLM"):
         from .verify import load_bounded
 
         self._offload = tempfile.TemporaryDirectory(prefix=".hss-ee-offload-")
-        return load_bounded(self.folder, Path(self._offload.name))
+        return load_bounded(self.folder, Path(self._offload.name), auto_class=auto_class)
 
 
 class GGUFSource(ModelSource):
@@ -171,7 +171,7 @@ class GGUFSource(ModelSource):
     def generation_config(self):
         return self._gen
 
-    def load_model(self):
+    def load_model(self, auto_class="AutoModelForCausalLM"):
         model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         model.load_state_dict(self._state, strict=False)
         model.tie_weights()

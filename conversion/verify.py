@@ -1,8 +1,9 @@
 """Equivariance check run by every conversion before anything is moved into place.
 
-It loads the original and the freshly written EE checkpoint (through plain
-`AutoModelForCausalLM.from_pretrained`, which also proves the files load) and compares
-`logits_EE(pi(ids))[..., pi]` with `logits(ids)` on random token ids. Models larger than
+It loads the original and the freshly written EE checkpoint (through the architecture's plain transformers
+Auto class, e.g. `AutoModelForCausalLM.from_pretrained`, which also proves the files load) and compares
+`logits_EE(ee_inputs(x))[..., pi]` with `logits(x)` on random inputs the spec draws (token ids, or
+pixel values for image classifiers). Models larger than
 `memory_bytes` are run with accelerate's disk offload (layers are loaded one at a time), so
 verification does not need the model in memory twice.
 """
@@ -14,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+import transformers
 
-from hss_ee_hf.csprng import ChaChaStream
+from hss_ee_hf.ee_specs import EESpec
 from hss_ee_hf.errors import ConversionError
 
 from .source import ModelSource
@@ -24,31 +25,29 @@ from .source import ModelSource
 logger = logging.getLogger(__name__)
 
 
-def random_token_ids(vocab_size: int, batch: int = 2, length: int = 16) -> torch.Tensor:
-    """Token ids drawn uniformly (from the CSPRNG, like everything random in the converter)."""
-    words = ChaChaStream().int64((batch, length))
-    return torch.remainder(words, vocab_size)
-
-
 VERIFY_MEMORY_BYTES = 256 * 1024**2
 
 
-def load_bounded(folder: Path, offload_dir: Path, memory_bytes: int = VERIFY_MEMORY_BYTES):
+def load_bounded(
+    folder: Path, offload_dir: Path, memory_bytes: int = VERIFY_MEMORY_BYTES, auto_class: str = "AutoModelForCausalLM"
+):
     """`from_pretrained` in float32 holding at most about `memory_bytes` of weights in memory (rest offloaded)."""
-    return AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=torch.float32,
-        device_map="auto",
-        max_memory={"cpu": memory_bytes},
-        offload_folder=str(offload_dir),
-    ).eval()
+    return (
+        getattr(transformers, auto_class)
+        .from_pretrained(
+            folder,
+            dtype=torch.float32,
+            device_map="auto",
+            max_memory={"cpu": memory_bytes},
+            offload_folder=str(offload_dir),
+        )
+        .eval()
+    )
 
 
 @torch.no_grad()
-def verify_equivariance(
-    source: ModelSource, ee_folder: Path, vocab_perm: torch.Tensor, tolerance: float
-) -> tuple[float, float]:
-    """Compares original and EE logits on random ids.
+def verify_equivariance(source: ModelSource, ee_folder: Path, spec: EESpec, tolerance: float) -> tuple[float, float]:
+    """Compares original and EE logits on random inputs.
 
     Returns:
         `(max_abs_diff, max_rel_diff)` where the relative figure divides by the largest |logit|.
@@ -56,13 +55,13 @@ def verify_equivariance(
     Raises:
         `ConversionError`: the relative difference exceeds `tolerance`.
     """
-    original = source.load_model()
-    ids = random_token_ids(source.config.vocab_size)
-    reference = original(ids).logits.to(torch.float64)
+    original = source.load_model(spec.auto_class)
+    inputs = spec.verification_inputs()
+    reference = original(**inputs).logits.to(torch.float64)
     del original
     with tempfile.TemporaryDirectory(prefix=".hss-ee-offload-", dir=ee_folder.parent) as offload:
-        ee_model = load_bounded(ee_folder, Path(offload))
-        ee_logits = ee_model(vocab_perm[ids]).logits[..., vocab_perm].to(torch.float64)
+        ee_model = load_bounded(ee_folder, Path(offload), auto_class=spec.auto_class)
+        ee_logits = ee_model(**spec.ee_inputs(inputs)).logits[..., spec.vocab_perm].to(torch.float64)
         del ee_model
     max_abs = (ee_logits - reference).abs().max().item()
     max_rel = max_abs / max(reference.abs().max().item(), 1e-12)

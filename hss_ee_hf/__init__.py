@@ -2,8 +2,11 @@
 
 Public API (everything else is private by name):
 
-* [`HSSEEForCausalLM`]: the client model; `generate()` is transformers' own.
-* [`HSSEETextGenerationPipeline`]: `pipeline("hss-ee-text-generation", model=..., key=..., endpoints=...)`.
+* [`HSSEEForCausalLM`]: the client model of decoder LLMs; `generate()` is transformers' own.
+* [`HSSEEForConditionalGeneration`] (T5) and [`HSSEEForImageClassification`] (ResNet, ViT): the other clients.
+* [`HSSEETextGenerationPipeline`]: `pipeline("hss-ee-text-generation", model=..., key=..., endpoints=...)`;
+  [`HSSEEText2TextGenerationPipeline`] (`"hss-ee-text2text-generation"`) and [`HSSEEImageClassificationPipeline`]
+  (`"hss-ee-image-classification"`) likewise.
 * [`HSSEEConfig`]: a client configuration (`model_type="hss_ee"`) that `AutoConfig` and `AutoModelForCausalLM` know.
 * [`convert`]: turn a checkpoint into an EE checkpoint and a secret key; [`push_to_hub`]: publish it.
 * [`HSSEEClientConfig`]: TLS, token, deadlines and retries of the client's gRPC connections.
@@ -11,8 +14,8 @@ Public API (everything else is private by name):
 * the typed errors in `hss_ee_hf.errors`.
 
 Importing the package registers `HSSEEConfig` with `AutoConfig`, its client factory with `AutoModelForCausalLM`,
-and the `"hss-ee-text-generation"` task with transformers' `PIPELINE_REGISTRY` (see `hss_ee_hf.auto` and
-`hss_ee_hf.pipelines`).
+and the three `"hss-ee-*"` tasks with transformers' `PIPELINE_REGISTRY` (see `hss_ee_hf.auto` and the
+`*pipeline*` modules).
 """
 
 from __future__ import annotations
@@ -30,18 +33,22 @@ from .errors import (
     TransportError,
     UnsupportedArchitectureError,
 )
+from .image_pipeline import HSSEEImageClassificationPipeline, register_image_pipeline
 from .integrity import CheatingServerError
 from .key import EEKey
-from .modeling import HSSEEForCausalLM
+from .modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration, HSSEEForImageClassification
 from .pipelines import HSSEETextGenerationPipeline, register_pipeline
 from .push import PushRefusedError, push_to_hub
 from .ring import RingConfig
 from .security import HSSEEClientConfig
+from .text2text_pipeline import HSSEEText2TextGenerationPipeline, register_text2text_pipeline
 
 __version__ = "0.1.0"
 
 register_auto_classes()
 register_pipeline()
+register_text2text_pipeline()
+register_image_pipeline()
 
 
 def convert(*args, **kwargs):
@@ -61,6 +68,10 @@ __all__ = [
     "HSSEEConfig",
     "HSSEEError",
     "HSSEEForCausalLM",
+    "HSSEEForConditionalGeneration",
+    "HSSEEForImageClassification",
+    "HSSEEImageClassificationPipeline",
+    "HSSEEText2TextGenerationPipeline",
     "HSSEETextGenerationPipeline",
     "KeyFileError",
     "KeyMismatchError",

@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from .errors import CheckpointError, KeyFileError
 from .key import EEKey
-from .modeling import HSSEEForCausalLM
+from .modeling import HSSEEForCausalLM, HSSEEPreTrainedModel
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ def load_client(
     transport: Transport | None = None,
     timeout: float | None = None,
     max_rows: int | None = None,
+    client_class: type[HSSEEPreTrainedModel] = HSSEEForCausalLM,
     **kwargs: Any,
-) -> HSSEEForCausalLM:
+) -> HSSEEPreTrainedModel:
     """Builds the client model for an EE checkpoint or a client folder; what the Auto classes and the pipeline call.
 
     Args:
@@ -133,11 +134,13 @@ def load_client(
         transport (`Transport`, *optional*): a ready transport instead of endpoints (e.g. `InProcessTransport`).
         timeout (`float`, *optional*): gRPC deadline per call; overrides `config.timeout`.
         max_rows (`int`, *optional*): rows per request; overrides `config.max_rows`.
+        client_class (`type`, *optional*, defaults to [`HSSEEForCausalLM`]): the client class of the task
+            ([`HSSEEForConditionalGeneration`], [`HSSEEForImageClassification`]).
         kwargs: `revision`, `cache_dir`, `token`, `local_files_only`, and config overrides such as
             `attn_implementation`; keyword arguments transformers' loaders add on their own are dropped.
 
     Returns:
-        The client model (a subclass of [`HSSEEForCausalLM`] and of the checkpoint's HF class), in eval mode.
+        The client model (a subclass of `client_class` and of the checkpoint's HF class), in eval mode.
 
     Raises:
         `KeyFileError`: no key was given, or the key file cannot be read.
@@ -180,7 +183,7 @@ def load_client(
             "parties that do not collude), set HSSEEConfig.endpoints, or pass transport=InProcessTransport("
             "StageEngine(checkpoint)) for a single-machine trial"
         )
-    return HSSEEForCausalLM.from_pretrained(
+    return client_class.from_pretrained(
         checkpoint,
         key=key,
         endpoints=endpoints,

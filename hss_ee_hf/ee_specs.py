@@ -31,15 +31,34 @@ class EESpec:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     architectures: ClassVar[tuple[str, ...]] = ()
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    """The transformers Auto class that loads the original and the EE checkpoint (verification, servers)."""
 
     def __init__(self, config, rng: ChaChaStream):
         self.config = config
         self.rng = rng
-        self.hidden = config.hidden_size
-        self.vocab_perm = rng.permutation(config.vocab_size)
+        self.hidden = self._hidden_size()
+        self.vocab_perm = rng.permutation(self.output_size())
+        self.source_names: set[str] = set()  # every tensor name of the source; the converter fills it in
         self._attn: dict[int, AttentionTransform] = {}
         self._mlp: dict[int, MLPTransform] = {}
         self.rotation = self._draw_rotation()
+
+    def _hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def output_size(self) -> int:
+        """Length of the secret output permutation `pi` (the vocabulary; the labels of a classifier)."""
+        return self.config.vocab_size
+
+    # -- verification (conversion checks `logits_EE(ee_inputs(x))[..., pi] == logits(x)`) ----------
+    def verification_inputs(self, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
+        """Random inputs of the original model, drawn from the CSPRNG."""
+        return {"input_ids": torch.remainder(ChaChaStream().int64((batch, length)), self.config.vocab_size)}
+
+    def ee_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same inputs as the EE model takes them (token ids through `pi`)."""
+        return {name: self.vocab_perm[t] if name.endswith("input_ids") else t for name, t in inputs.items()}
 
     # -- what subclasses describe ------------------------------------------------------------
     def _draw_rotation(self) -> torch.Tensor:
@@ -146,6 +165,8 @@ class LlamaFamilySpec(EESpec):
                 out["lm_head.weight"] = self.head(tensor, small["model.norm.weight"])
             return out
         if name == "lm_head.weight":
+            if self.config.tie_word_embeddings:
+                return {}  # the embedding emits the untied head
             return {name: self.head(tensor, small["model.norm.weight"])}
         w = tensor.to(torch.float64)
         if self.needs_first_pass(name):
@@ -217,7 +238,9 @@ class GPT2Spec(EESpec):
         if name == "transformer.wte.weight":
             gamma = small["transformer.ln_f.weight"].to(torch.float64)
             return {name: self.embedding(tensor), "lm_head.weight": self.head(tensor, gamma)}
-        if name == "lm_head.weight":  # an untied head in the source: same treatment
+        if name == "lm_head.weight":
+            if self.config.tie_word_embeddings:
+                return {}  # the embedding emits the untied head
             return {name: self.head(tensor, small["transformer.ln_f.weight"])}
         w = tensor.to(torch.float64)
         if name == "transformer.wpe.weight":
@@ -257,22 +280,3 @@ class GPT2Spec(EESpec):
         else:
             raise ConversionError(f"no EE transform for tensor {name!r}; this checkpoint has an unexpected layout")
         return {name: lin[:, :-1].T, prefix + kind[: -len("weight")] + "bias": lin[:, -1]}
-
-
-SPECS: tuple[type[EESpec], ...] = (LlamaFamilySpec, GPT2Spec)
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for spec in SPECS for a in spec.architectures)
-
-
-def spec_class_for(config) -> type[EESpec]:
-    """The EE spec of a config's architecture.
-
-    Raises:
-        `UnsupportedArchitectureError`: listing the supported architectures.
-    """
-    for spec in SPECS:
-        if config.model_type in spec.model_types:
-            return spec
-    archs = getattr(config, "architectures", None) or [config.model_type]
-    raise UnsupportedArchitectureError(
-        f"architecture {', '.join(archs)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )

@@ -26,7 +26,7 @@ from .csprng import SEED_BYTES
 from .errors import CheckpointError, StageRequestError
 from .ring import RingConfig, RingWeight, quantize_weight
 from .sharing import expand_share
-from .stages import Stage, stage_layout
+from .stages import Stage, stage_layout, stage_matrix
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS = 8192
@@ -67,7 +67,7 @@ def iter_stage_weights(
                 raise CheckpointError(f"{folder} lacks tensor {part.weight} needed by stage {stage.name}")
             with safe_open(str(files[part.weight]), "pt") as f:
                 t = f.get_tensor(part.weight)
-            parts.append(t.T if part.conv1d else t)
+            parts.append(stage_matrix(part, t))
         w_int, scale = quantize_weight(torch.cat(parts, dim=0), ring)
         yield stage, w_int, scale
 

@@ -46,8 +46,11 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    "spiece.model",
+    "preprocessor_config.json",
+    "processor_config.json",
 )
-"""Tokenizer files a converter may write; the client runs the tokenizer, the servers never need it."""
+"""Tokenizer and image-processor files a converter may write; the client runs them, the servers never need them."""
 
 CLIENT_PATTERNS = [
     "config.json",

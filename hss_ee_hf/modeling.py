@@ -1,11 +1,17 @@
-"""`HSSEEForCausalLM`: the HF causal-LM class of the EE checkpoint, with its weights on two servers.
+"""Client models: the HF class of the EE checkpoint, with its weights on two servers.
 
-`from_pretrained` builds the checkpoint's own architecture class (Llama, Mistral, Qwen2, GPT-2)
-with empty weights, loads only the client-side tensors (embedding, norm weights, biases, position
-embeddings), and swaps every weight-bearing linear layer for a [`RemoteLinear`]. The result *is* a
-`LlamaForCausalLM` (etc.) to `GenerationMixin`: `generate()`, caches, logits processors, stopping
-criteria and streamers are transformers' own, and token ids in and out are in the original
-vocabulary.
+`from_pretrained` builds the checkpoint's own architecture class (Llama, Mistral, Qwen2, GPT-2, T5,
+ResNet, ViT) with empty weights, loads only the client-side tensors (embedding, norm weights, biases,
+position embeddings), and swaps every weight-bearing linear layer for a [`RemoteLinear`] and every
+convolution for a [`RemoteConv2d`]. The result *is* a `LlamaForCausalLM` (or `T5ForConditionalGeneration`,
+`ResNetForImageClassification`, ...): `generate()`, caches, logits processors, stopping criteria and
+streamers are transformers' own, token ids in and out are in the original vocabulary and logits in the
+original label order.
+
+* [`HSSEEForCausalLM`]: decoder LLMs.
+* [`HSSEEForConditionalGeneration`]: T5 text-to-text models (the client holds both the self-attention and
+  the cross-attention caches).
+* [`HSSEEForImageClassification`]: ResNet and ViT image classifiers.
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, GenerationConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+)
 
 from .checkpoint import HSSEECheckpointInfo, short
 from .errors import CheckpointError, HSSEEError
 from .hub import resolve_client_files, resolve_server_files
 from .key import EEKey
 from .protocol import StageClient
-from .remote_layers import FusedStage, PermutedEmbedding, RemoteLinear, UnpermutedHead
+from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .security import HSSEEClientConfig
 from .stages import stage_layout
 from .transport import Transport
@@ -44,26 +54,15 @@ def _make_transport(endpoints, transport: Transport | None, timeout: float | Non
     return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
 
 
-class HSSEEForCausalLM:
-    """Client model for private generation on two share servers.
+class HSSEEPreTrainedModel:
+    """What every client model shares: loading the client side of an EE checkpoint and connecting it.
 
-    `HSSEEForCausalLM.from_pretrained(...)` returns an instance of a subclass of both this class and
-    the checkpoint's HF class (e.g. `LlamaForCausalLM`), so everything transformers offers for that
-    class works unchanged.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoTokenizer
-    >>> from hss_ee_hf import HSSEEForCausalLM
-    >>> model = HSSEEForCausalLM.from_pretrained(
-    ...     "smollm2-ee", key="smollm2.hss-ee-key", endpoints=("10.0.0.1:50051", "10.0.0.2:50051")
-    ... )
-    >>> tok = AutoTokenizer.from_pretrained("smollm2-ee")
-    >>> out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=16)
-    >>> tok.decode(out[0])
-    ```
+    Subclasses name the transformers Auto mapping their checkpoints' classes come from.
     """
+
+    _auto_mapping: Any = None
+    _task: str = ""
+    _permutes_input_ids: bool = True
 
     hss_ee_client: StageClient
     hss_ee_key: EEKey
@@ -130,9 +129,12 @@ class HSSEEForCausalLM:
         info = HSSEECheckpointInfo.from_config(config)
         ee_key = EEKey.resolve(key)
         ee_key.check(info.fingerprint)
-        base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        base = cls._auto_mapping.get(type(config), None)
         if base is None:
-            raise CheckpointError(f"no causal-LM class for model_type {config.model_type!r}")
+            raise CheckpointError(
+                f"{cls.__name__} loads {cls._task} checkpoints; this one is a {config.model_type!r} model "
+                f"({', '.join(config.architectures or [])}). Use the client class of its task"
+            )
         klass = type(f"HSSEE{base.__name__}", (cls, base), {"__module__": __name__})
         with init_empty_weights():
             model = klass(config)
@@ -177,17 +179,22 @@ class HSSEEForCausalLM:
         stage_client = StageClient(transport, info, scales, in_features, max_rows=max_rows)
         for stage in layout:
             modules = [self.get_submodule(part.module) for part in stage.parts]
-            dims = [_linear_dims(m, part.conv1d) for m, part in zip(modules, stage.parts, strict=False)]
+            dims = [_linear_dims(m, part.kind) for m, part in zip(modules, stage.parts, strict=True)]
             in_features[stage.name] = dims[0][0]
             fused = FusedStage(stage_client, stage.name, [d[1] for d in dims])
-            for i, (part, (d_in, d_out)) in enumerate(zip(stage.parts, dims, strict=False)):
-                remote = RemoteLinear(fused, i, d_in, d_out, client.pop(part.bias, None))
-                if part.module == "lm_head":
+            for i, (part, module, (d_in, d_out)) in enumerate(zip(stage.parts, modules, dims, strict=True)):
+                bias = client.pop(part.bias, None)
+                if part.kind == "conv2d":
+                    remote = RemoteConv2d(fused, i, module, bias)
+                else:
+                    remote = RemoteLinear(fused, i, d_in, d_out, bias)
+                if part.permuted_output:
                     remote = UnpermutedHead(remote, ee_key.vocab_perm)
                 self.set_submodule(part.module, remote)
-        emb = self.get_input_embeddings()
-        emb_name = next(n for n, m in self.named_modules() if m is emb)
-        self.set_input_embeddings(PermutedEmbedding(client.pop(emb_name + ".weight"), ee_key.vocab_perm))
+        if self._permutes_input_ids:
+            emb = self.get_input_embeddings()
+            emb_name = next(n for n, m in self.named_modules() if m is emb)
+            self.set_input_embeddings(PermutedEmbedding(client.pop(emb_name + ".weight"), ee_key.vocab_perm))
         missing = self.load_state_dict(client, strict=False, assign=True)
         if missing.unexpected_keys:
             raise CheckpointError(
@@ -220,7 +227,91 @@ class HSSEEForCausalLM:
         )
 
 
-def _linear_dims(module: torch.nn.Module, conv1d: bool) -> tuple[int, int]:
-    """`(in_features, out_features)` of an `nn.Linear` or GPT-2 `Conv1D` (weights may be on the meta device)."""
-    out_dim, in_dim = module.weight.shape
-    return (out_dim, in_dim) if conv1d else (in_dim, out_dim)
+def _linear_dims(module: torch.nn.Module, kind: str) -> tuple[int, int]:
+    """`(in_features, out_features)` of the stage matrix of an `nn.Linear`, GPT-2 `Conv1D` or `nn.Conv2d`
+    (weights may be on the meta device)."""
+    shape = module.weight.shape
+    if kind == "conv1d":  # stored (in, out)
+        return shape[0], shape[1]
+    if kind == "conv2d":
+        return shape[1] * shape[2] * shape[3], shape[0]
+    return shape[1], shape[0]
+
+
+class HSSEEForCausalLM(HSSEEPreTrainedModel):
+    """Client model for private generation with a decoder LLM on two share servers.
+
+    `HSSEEForCausalLM.from_pretrained(...)` returns an instance of a subclass of both this class and
+    the checkpoint's HF class (e.g. `LlamaForCausalLM`), so everything transformers offers for that
+    class works unchanged.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoTokenizer
+    >>> from hss_ee_hf import HSSEEForCausalLM
+    >>> model = HSSEEForCausalLM.from_pretrained(
+    ...     "smollm2-ee", key="smollm2.hss-ee-key", endpoints=("10.0.0.1:50051", "10.0.0.2:50051")
+    ... )
+    >>> tok = AutoTokenizer.from_pretrained("smollm2-ee")
+    >>> out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=16)
+    >>> tok.decode(out[0])
+    ```
+    """
+
+    _auto_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
+    _task = "causal-LM"
+
+
+class HSSEEForConditionalGeneration(HSSEEPreTrainedModel):
+    """Client model for private text-to-text generation (T5) on two share servers.
+
+    `HSSEEForConditionalGeneration.from_pretrained(...)` returns a subclass of this class and of
+    `T5ForConditionalGeneration`. The encoder runs once per prompt (four round trips per encoder layer); every
+    decoder step costs seven per decoder layer (self-attention, cross-attention query and output, MLP) plus
+    lm_head, and the cross-attention keys and values of the encoder output are computed once and kept in the
+    client's cache.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoTokenizer
+    >>> from hss_ee_hf import HSSEEForConditionalGeneration
+    >>> model = HSSEEForConditionalGeneration.from_pretrained(
+    ...     "t5-small-ee", key="t5-small.hss-ee-key", endpoints=("10.0.0.1:50051", "10.0.0.2:50051")
+    ... )
+    >>> tok = AutoTokenizer.from_pretrained("t5-small-ee")
+    >>> out = model.generate(**tok("translate English to German: Hello", return_tensors="pt"), max_new_tokens=16)
+    >>> tok.decode(out[0], skip_special_tokens=True)
+    ```
+    """
+
+    _auto_mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    _task = "text-to-text (seq2seq)"
+
+
+class HSSEEForImageClassification(HSSEEPreTrainedModel):
+    """Client model for private image classification (ResNet, ViT) on two share servers.
+
+    `HSSEEForImageClassification.from_pretrained(...)` returns a subclass of this class and of the checkpoint's
+    class (`ResNetForImageClassification`, `ViTForImageClassification`); calling it returns the usual
+    `ImageClassifierOutput` with logits in the original label order. Convolutions run on the servers as ring
+    matrix products over im2col patches; ReLU, pooling, LayerNorm, GELU and attention run on the client.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoImageProcessor
+    >>> from hss_ee_hf import HSSEEForImageClassification
+    >>> model = HSSEEForImageClassification.from_pretrained(
+    ...     "resnet-50-ee", key="resnet-50.hss-ee-key", endpoints=("10.0.0.1:50051", "10.0.0.2:50051")
+    ... )
+    >>> processor = AutoImageProcessor.from_pretrained("resnet-50-ee")
+    >>> logits = model(**processor(image, return_tensors="pt")).logits
+    >>> model.config.id2label[logits.argmax(-1).item()]
+    ```
+    """
+
+    _auto_mapping = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    _task = "image-classification"
+    _permutes_input_ids = False

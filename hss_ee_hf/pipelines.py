@@ -28,7 +28,7 @@ from transformers.pipelines.text_generation import TextGenerationPipeline
 from .auto import load_client
 from .errors import HSSEEError
 from .key import EEKey
-from .modeling import HSSEEForCausalLM
+from .modeling import HSSEEForCausalLM, HSSEEPreTrainedModel
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,46 @@ class HSSEEClientReference:
         return cls(os.fspath(pretrained_model_name_or_path), kwargs)
 
 
-class HSSEETextGenerationPipeline(TextGenerationPipeline):
+class HSSEEPipelineMixin:
+    """What the HSS-EE pipelines share: model type checks, refusing to save, closing the server connections.
+
+    Subclasses set `_client_class` (the task's client model class) and `_task`.
+    """
+
+    _client_class: type[HSSEEPreTrainedModel] = HSSEEPreTrainedModel
+    _task: str = ""
+    _owns_model: bool = False
+
+    def check_model_type(self, supported_models: Any) -> None:
+        """Accepts exactly the HSS-EE client models of the task (their class names are not in transformers' tables)."""
+        if not isinstance(self.model, self._client_class):
+            raise TypeError(f"{type(self.model).__name__} is not an {self._client_class.__name__}")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Refuses: a client pipeline holds only the client side of an EE checkpoint (and its key must stay private).
+
+        Raises:
+            `HSSEEError`: always, saying what to share instead.
+        """
+        raise HSSEEError(
+            "an HSS-EE pipeline cannot be saved: share the EE checkpoint folder itself (or `hss-ee push` it), keep "
+            f"the key to yourself, and rebuild the pipeline with pipeline('{self._task}', model=CHECKPOINT, key=..., "
+            "endpoints=...)"
+        )
+
+    def close(self) -> None:
+        """Closes the connection to the share servers if this pipeline opened it (a passed-in model stays open)."""
+        if self._owns_model:
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class HSSEETextGenerationPipeline(HSSEEPipelineMixin, TextGenerationPipeline):
     """Text generation with an HSS-EE client model: plain prompts and chats, exactly like `"text-generation"`.
 
     Built by `pipeline("hss-ee-text-generation", model=..., key=..., endpoints=...)` or directly.
@@ -96,6 +135,8 @@ class HSSEETextGenerationPipeline(TextGenerationPipeline):
     ```
     """
 
+    _client_class = HSSEEForCausalLM
+    _task = TASK
     # The factory's tokenizer lookup may fail (a client model or a client folder carries no tokenizer); `None` makes
     # that failure soft, and `__init__` then loads the tokenizer from the EE checkpoint itself.
     _load_tokenizer = None
@@ -113,7 +154,7 @@ class HSSEETextGenerationPipeline(TextGenerationPipeline):
         device: int | str | torch.device | None = None,
         **kwargs: Any,
     ):
-        model, owns_model = _client_model(model, key, endpoints, transport, timeout, max_rows)
+        model, owns_model = client_model(model, TASK, HSSEEForCausalLM, key, endpoints, transport, timeout, max_rows)
         try:
             if tokenizer is None:
                 tokenizer = _checkpoint_tokenizer(model)
@@ -126,45 +167,26 @@ class HSSEETextGenerationPipeline(TextGenerationPipeline):
             raise
         self._owns_model = owns_model
 
-    def check_model_type(self, supported_models: Any) -> None:
-        """Accepts exactly the HSS-EE client models (their class names are not in transformers' tables)."""
-        if not isinstance(self.model, HSSEEForCausalLM):
-            raise TypeError(f"{type(self.model).__name__} is not an HSS-EE client model")
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Refuses: a client pipeline holds only the client side of an EE checkpoint (and its key must stay private).
-
-        Raises:
-            `HSSEEError`: always, saying what to share instead.
-        """
-        raise HSSEEError(
-            "an HSS-EE pipeline cannot be saved: share the EE checkpoint folder itself (or `hss-ee push` it), keep "
-            f"the key to yourself, and rebuild the pipeline with pipeline('{TASK}', model=CHECKPOINT, key=..., "
-            "endpoints=...)"
-        )
-
-    def close(self) -> None:
-        """Closes the connection to the share servers if this pipeline opened it (a passed-in model stays open)."""
-        if self._owns_model:
-            self.model.close()
-
-    def __enter__(self) -> HSSEETextGenerationPipeline:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _client_model(
+def client_model(
     model: Any,
+    task: str,
+    client_class: type[HSSEEPreTrainedModel],
     key: EEKey | str | os.PathLike | None,
     endpoints: tuple[str, str] | list[str] | None,
     transport: Transport | None,
     timeout: float | None,
     max_rows: int | None,
-) -> tuple[HSSEEForCausalLM, bool]:
-    """The pipeline's client model and whether the pipeline built it (and so closes it)."""
-    if isinstance(model, HSSEEForCausalLM):
+) -> tuple[HSSEEPreTrainedModel, bool]:
+    """A pipeline's client model and whether the pipeline built it (and so closes it).
+
+    Args:
+        model: what the user passed as `model=` (a checkpoint, a recorded reference, or a connected client).
+        task (`str`): the pipeline task, for messages.
+        client_class (`type`): the client class of the task.
+        key, endpoints, transport, timeout, max_rows: as in `from_pretrained`.
+    """
+    if isinstance(model, client_class):
         passed = (("key", key), ("endpoints", endpoints), ("transport", transport))
         given = [name for name, value in passed if value is not None]
         if given:
@@ -176,9 +198,10 @@ def _client_model(
     if isinstance(model, (str, os.PathLike)):
         model = HSSEEClientReference.from_pretrained(model)
     if not isinstance(model, HSSEEClientReference):
+        plain = task.removeprefix("hss-ee-")
         raise TypeError(
-            f"pipeline('{TASK}') needs an EE checkpoint (folder or Hub id) with key= and endpoints=, or an "
-            f"HSSEEForCausalLM; got a {type(model).__name__}. For a plaintext model use pipeline('text-generation')"
+            f"pipeline('{task}') needs an EE checkpoint (folder or Hub id) with key= and endpoints=, or an "
+            f"{client_class.__name__}; got a {type(model).__name__}. For a plaintext model use pipeline('{plain}')"
         )
     client = load_client(
         model.name_or_path,
@@ -187,6 +210,7 @@ def _client_model(
         transport=transport,
         timeout=timeout,
         max_rows=max_rows,
+        client_class=client_class,
         **model.load_kwargs,
     )
     return client, True

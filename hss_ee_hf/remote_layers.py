@@ -10,6 +10,7 @@ puts the EE logits back into the original vocabulary order.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .protocol import StageClient
@@ -55,6 +56,7 @@ class RemoteLinear(nn.Module):
         self.fused, self.part = fused, part
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        _add_dtype_placeholder(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused.output(self.part, x)
@@ -62,6 +64,61 @@ class RemoteLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stage={self.fused.stage!r}, part={self.part}, in={self.in_features}, out={self.out_features}"
+
+
+def _add_dtype_placeholder(module: nn.Module) -> None:
+    """An empty `weight` that follows `.to(dtype)`: some HF forwards read `layer.weight.dtype` (T5's FFN, ViT's
+    pixel cast) to pick the activation dtype. The weight itself is on the servers."""
+    module.register_buffer("weight", torch.empty(0, dtype=torch.float32), persistent=False)
+
+
+class RemoteConv2d(nn.Module):
+    """A convolution computed on the share servers as one matrix product over im2col patches.
+
+    The client unfolds the input into `(N * L, C_in * kh * kw)` patches in the order of `weight.reshape(out, -1)`,
+    the servers multiply them by the flattened EE kernel like any linear stage, and the client folds the result
+    back into `(N, C_out, H_out, W_out)` and adds the bias. Zero padding is applied before sharing (it is part of
+    the client's plaintext input).
+
+    Args:
+        fused (`FusedStage`): the stage this convolution is.
+        part (`int`): which slice of the stage output is this convolution's.
+        conv (`nn.Conv2d`): the module replaced (its geometry; its weight may be on the meta device).
+        bias (`torch.Tensor`, *optional*): the client-held bias.
+    """
+
+    def __init__(self, fused: FusedStage, part: int, conv: nn.Conv2d, bias: torch.Tensor | None):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"only ungrouped, zero-padded convolutions with explicit padding can run remotely; got groups="
+                f"{conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
+        self.fused, self.part = fused, part
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = (
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+        )
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        _add_dtype_placeholder(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        geometry = zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride, strict=True)
+        out_hw = [(size + 2 * pad - dil * (k - 1) - 1) // st + 1 for size, pad, dil, k, st in geometry]
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        y = self.fused.output(self.part, cols.transpose(1, 2))  # (N, L, C_out)
+        y = y.transpose(1, 2).reshape(n, self.out_channels, *out_hw)
+        return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"stage={self.fused.stage!r}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
 
 
 class PermutedEmbedding(nn.Embedding):
@@ -76,7 +133,7 @@ class PermutedEmbedding(nn.Embedding):
 
 
 class UnpermutedHead(nn.Module):
-    """The remote lm_head; returns logits in the original vocabulary order (`logits_ee[..., pi]`)."""
+    """The remote lm_head or classifier; returns logits in the original vocabulary or label order (`[..., pi]`)."""
 
     def __init__(self, remote: RemoteLinear, vocab_perm: torch.Tensor):
         super().__init__()

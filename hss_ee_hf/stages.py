@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import UnsupportedArchitectureError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 GPT2_FAMILY = ("gpt2",)
+T5_FAMILY = ("t5",)
+VISION_FAMILY = ("resnet", "vit")
 
 
 @dataclass(frozen=True)
@@ -23,11 +27,16 @@ class StagePart:
 
     Attributes:
         module (`str`): dotted path of the HF module this part replaces (e.g. `model.layers.0.self_attn.q_proj`).
-        conv1d (`bool`): the tensor is stored `(in, out)` like GPT-2's `Conv1D` rather than `(out, in)`.
+        kind (`str`): how the tensor is stored and what the client swaps in: `"linear"` (`nn.Linear`, `(out, in)`),
+            `"conv1d"` (GPT-2's `Conv1D`, stored `(in, out)`) or `"conv2d"` (`nn.Conv2d`, `(out, in, kh, kw)`; the
+            server reads it as `(out, in * kh * kw)` and the client sends im2col patches in the same order).
+        permuted_output (`bool`): the output is in the secret permuted order (lm_head, a classifier) and the
+            client puts it back with the key's `pi`.
     """
 
     module: str
-    conv1d: bool = False
+    kind: str = "linear"
+    permuted_output: bool = False
 
     @property
     def weight(self) -> str:
@@ -66,21 +75,39 @@ def stage_layout(config) -> list[Stage]:
                 Stage(f"layers.{i}.up", (StagePart(p + "mlp.gate_proj"), StagePart(p + "mlp.up_proj"))),
                 Stage(f"layers.{i}.down", (StagePart(p + "mlp.down_proj"),)),
             ]
-        return stages + [Stage("lm_head", (StagePart("lm_head"),))]
+        return stages + [Stage("lm_head", (StagePart("lm_head", permuted_output=True),))]
     if config.model_type in GPT2_FAMILY:
         stages = []
         for i in range(n):
             p = f"transformer.h.{i}."
             stages += [
-                Stage(f"layers.{i}.qkv", (StagePart(p + "attn.c_attn", conv1d=True),)),
-                Stage(f"layers.{i}.o", (StagePart(p + "attn.c_proj", conv1d=True),)),
-                Stage(f"layers.{i}.up", (StagePart(p + "mlp.c_fc", conv1d=True),)),
-                Stage(f"layers.{i}.down", (StagePart(p + "mlp.c_proj", conv1d=True),)),
+                Stage(f"layers.{i}.qkv", (StagePart(p + "attn.c_attn", kind="conv1d"),)),
+                Stage(f"layers.{i}.o", (StagePart(p + "attn.c_proj", kind="conv1d"),)),
+                Stage(f"layers.{i}.up", (StagePart(p + "mlp.c_fc", kind="conv1d"),)),
+                Stage(f"layers.{i}.down", (StagePart(p + "mlp.c_proj", kind="conv1d"),)),
             ]
-        return stages + [Stage("lm_head", (StagePart("lm_head"),))]
+        return stages + [Stage("lm_head", (StagePart("lm_head", permuted_output=True),))]
+    if config.model_type in T5_FAMILY:
+        from .ee_t5 import t5_stage_layout
+
+        return t5_stage_layout(config)
+    if config.model_type in VISION_FAMILY:
+        from .ee_vision import vision_stage_layout
+
+        return vision_stage_layout(config)
+    supported = LLAMA_FAMILY + GPT2_FAMILY + T5_FAMILY + VISION_FAMILY
     raise UnsupportedArchitectureError(
-        f"no stage layout for model_type {config.model_type!r}; supported: {', '.join(LLAMA_FAMILY + GPT2_FAMILY)}"
+        f"no stage layout for model_type {config.model_type!r}; supported: {', '.join(supported)}"
     )
+
+
+def stage_matrix(part: StagePart, tensor: torch.Tensor) -> torch.Tensor:
+    """A part's checkpoint tensor as the `(out, in)` matrix the server multiplies by."""
+    if part.kind == "conv1d":
+        return tensor.T
+    if part.kind == "conv2d":
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor
 
 
 def server_tensor_names(config) -> set[str]:

@@ -24,9 +24,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from hss_ee_hf.architectures import SUPPORTED_ARCHITECTURES, spec_class_for
 from hss_ee_hf.csprng import ChaChaStream
 from hss_ee_hf.ee_math import orthogonal_fixing_ones, rope_commuting_rotation
-from hss_ee_hf.ee_specs import SUPPORTED_ARCHITECTURES, spec_class_for
 from hss_ee_hf.errors import UnsupportedArchitectureError
 
 VOCAB = 160

@@ -1,0 +1,113 @@
+"""Tiny random T5, ResNet and ViT models saved as HF folders (with a tokenizer or image processor) and converted.
+
+Like `tiny_models`, weights are scaled up and every norm gets noise (BatchNorm statistics included), so a broken
+transform or a wrong fold changes outputs instead of hiding in noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tiny_models import VOCAB, tiny_tokenizer
+from transformers import (
+    ResNetConfig,
+    ResNetForImageClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+T5_VARIANTS = ("t5-relu-tied", "t5-gated-untied")
+VISION_VARIANTS = ("resnet-bottleneck", "resnet-basic", "vit")
+IMAGE_SIZE = {"resnet-bottleneck": 64, "resnet-basic": 48, "vit": 32}
+NUM_LABELS = 10
+
+
+def tiny_t5_config(variant: str) -> T5Config:
+    common = dict(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=96,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        initializer_factor=2.0,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
+    if variant == "t5-relu-tied":  # original T5: ReLU, tied head with d_model**-0.5 output scaling
+        return T5Config(feed_forward_proj="relu", **common)
+    if variant == "t5-gated-untied":  # T5 v1.1 / Flan: gated GELU, separate lm_head, no output scaling
+        return T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **common)
+    raise ValueError(f"unknown tiny T5 variant {variant!r}")
+
+
+def tiny_vision_config(variant: str):
+    labels = {"num_labels": NUM_LABELS}
+    if variant == "resnet-bottleneck":
+        return ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], layer_type="bottleneck", **labels)
+    if variant == "resnet-basic":
+        return ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1], layer_type="basic", **labels)
+    if variant == "vit":
+        return ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            initializer_range=0.1,
+            **labels,
+        )
+    raise ValueError(f"unknown tiny vision variant {variant!r}")
+
+
+def _noisy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+    return model.float().eval()
+
+
+def tiny_family_model(variant: str, seed: int = 0) -> torch.nn.Module:
+    """A random float32 model of a tiny T5 or vision `variant`, in eval mode, norms and statistics perturbed."""
+    torch.manual_seed(seed)
+    if variant in T5_VARIANTS:
+        return _noisy(T5ForConditionalGeneration(tiny_t5_config(variant)), seed)
+    config = tiny_vision_config(variant)
+    klass = ResNetForImageClassification if config.model_type == "resnet" else ViTForImageClassification
+    return _noisy(klass(config), seed)
+
+
+def tiny_image_processor(variant: str) -> ViTImageProcessor:
+    size = IMAGE_SIZE[variant]
+    return ViTImageProcessor(size={"height": size, "width": size})
+
+
+def convert_tiny_family(variant: str, root: Path, seed: int = 0):
+    """Saves and converts a tiny model; returns `(original_model, ee_folder, key_path)`."""
+    from hss_ee_hf import convert
+
+    src, out, key = root / f"{variant}-src", root / f"{variant}-ee", root / f"{variant}.hss-ee-key"
+    model = tiny_family_model(variant, seed)
+    model.save_pretrained(src)
+    if variant in T5_VARIANTS:
+        tiny_tokenizer().save_pretrained(src)
+    else:
+        tiny_image_processor(variant).save_pretrained(src)
+    convert(src, out, key)
+    return model, out, key
