@@ -100,7 +100,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
     """SHA-256 of one tensor's name, dtype, shape and raw bytes."""
     h = hashlib.sha256()
     h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    h.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.digest()
 
 

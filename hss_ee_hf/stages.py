@@ -64,8 +64,8 @@ def stage_layout(config) -> list[Stage]:
     Raises:
         `UnsupportedArchitectureError`: the family has no stage layout.
     """
-    n = config.num_hidden_layers
     if config.model_type in LLAMA_FAMILY:
+        n = config.num_hidden_layers
         stages = []
         for i in range(n):
             p = f"model.layers.{i}."
@@ -77,6 +77,7 @@ def stage_layout(config) -> list[Stage]:
             ]
         return stages + [Stage("lm_head", (StagePart("lm_head", permuted_output=True),))]
     if config.model_type in GPT2_FAMILY:
+        n = config.num_hidden_layers
         stages = []
         for i in range(n):
             p = f"transformer.h.{i}."

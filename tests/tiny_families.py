@@ -83,6 +83,22 @@ def _noisy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.float().eval()
 
 
+@torch.no_grad()
+def _spread_classifier(model: torch.nn.Module, size: int, seed: int) -> None:
+    """Random classifiers see features dominated by one shared direction, so one label wins for every image.
+
+    Center the classifier on the features of a calibration batch and scale it so labels depend on the image."""
+    head = model.classifier[1] if isinstance(model.classifier, torch.nn.Sequential) else model.classifier
+    seen = []
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model(pixel_values=torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(seed + 2)))
+    handle.remove()
+    features = seen[0]
+    spread = (features - features.mean(0)) @ head.weight.T
+    head.weight.mul_(3.0 / spread.std().clamp_min(1e-6))
+    head.bias.copy_(-features.mean(0) @ head.weight.T)
+
+
 def tiny_family_model(variant: str, seed: int = 0) -> torch.nn.Module:
     """A random float32 model of a tiny T5 or vision `variant`, in eval mode, norms and statistics perturbed."""
     torch.manual_seed(seed)
@@ -90,7 +106,9 @@ def tiny_family_model(variant: str, seed: int = 0) -> torch.nn.Module:
         return _noisy(T5ForConditionalGeneration(tiny_t5_config(variant)), seed)
     config = tiny_vision_config(variant)
     klass = ResNetForImageClassification if config.model_type == "resnet" else ViTForImageClassification
-    return _noisy(klass(config), seed)
+    model = _noisy(klass(config), seed)
+    _spread_classifier(model, IMAGE_SIZE[variant], seed)
+    return model
 
 
 def tiny_image_processor(variant: str) -> ViTImageProcessor:
