@@ -72,7 +72,7 @@ def tiny_vision_config(variant: str):
 def _noisy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
         for name, b in model.named_buffers():
