@@ -1,4 +1,4 @@
-"""The `hss-ee` command line: convert, serve, generate, push and demo.
+"""The `hss-ee` command line: convert, serve, generate, classify, push and demo.
 
 Each subcommand is a small class that adds its arguments and runs; `hss-ee COMMAND --help`
 explains every flag.
@@ -11,7 +11,8 @@ import logging
 import sys
 
 from .commands import Command
-from .errors import HSSEEError
+from .errors import CheckpointError, HSSEEError, InputFileError
+from .stages import VISION_FAMILY
 
 logger = logging.getLogger("hss_ee_hf")
 
@@ -144,7 +145,10 @@ class ServeCommand(Command):
 
 class GenerateCommand(Command):
     name = "generate"
-    help = "Generate text privately through two share servers, streaming tokens to stdout."
+    help = (
+        "Generate text privately through two share servers (decoder LLMs and T5 text-to-text models), streaming "
+        "tokens to stdout."
+    )
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
@@ -172,15 +176,19 @@ class GenerateCommand(Command):
 
     def run(self, args):
         import torch
-        from transformers import AutoTokenizer, TextStreamer
+        from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
         from .hub import resolve_client_files
-        from .modeling import HSSEEForCausalLM
+        from .modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration
         from .security import client_config_from_args
 
         folder = resolve_client_files(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type in VISION_FAMILY:
+            raise CheckpointError(f"{args.checkpoint} is an image classifier; use `hss-ee classify` for it")
+        client_class = HSSEEForConditionalGeneration if config.is_encoder_decoder else HSSEEForCausalLM
         tok = AutoTokenizer.from_pretrained(folder)
-        with HSSEEForCausalLM.from_pretrained(
+        with client_class.from_pretrained(
             args.checkpoint,
             key=args.key,
             endpoints=args.endpoints,
@@ -211,6 +219,50 @@ class GenerateCommand(Command):
         return 0
 
 
+class ClassifyCommand(Command):
+    name = "classify"
+    help = "Classify images privately (ResNet, ViT) through two share servers; prints the top labels of each image."
+
+    def add_arguments(self, p):
+        p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
+        p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+        p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
+        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
+        p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default 5)")
+        p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+        p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
+        p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
+        from .security import add_client_security_args
+
+        add_client_security_args(p)
+
+    def run(self, args):
+        from pathlib import Path
+
+        from .image_pipeline import HSSEEImageClassificationPipeline
+        from .modeling import HSSEEForImageClassification
+        from .security import client_config_from_args
+
+        missing = [image for image in args.images if not Path(image).is_file()]
+        if missing:
+            raise InputFileError(f"image file(s) not found: {', '.join(missing)}")
+        with HSSEEForImageClassification.from_pretrained(
+            args.checkpoint,
+            key=args.key,
+            endpoints=args.endpoints,
+            timeout=args.timeout,
+            client_config=client_config_from_args(args),
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        ) as model:
+            classify = HSSEEImageClassificationPipeline(model)
+            for image, rows in zip(args.images, classify(list(args.images), top_k=args.top_k), strict=True):
+                print(image)
+                for row in rows:
+                    print(f"  {row['score']:.4f}  {row['label']}")
+        return 0
+
+
 class DemoCommand(Command):
     name = "demo"
     help = "Convert the bundled SmolLM2, start two local share servers and compare private with plaintext generation."
@@ -229,7 +281,7 @@ class DemoCommand(Command):
 def _commands() -> tuple[Command, ...]:
     from .push import PushCommand
 
-    return (ConvertCommand(), ServeCommand(), GenerateCommand(), PushCommand(), DemoCommand())
+    return (ConvertCommand(), ServeCommand(), GenerateCommand(), ClassifyCommand(), PushCommand(), DemoCommand())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,10 @@ class KeyFileError(HSSEEError, OSError):
     """The key file is missing, unreadable, malformed, or would be written somewhere unsafe."""
 
 
+class InputFileError(HSSEEError, FileNotFoundError):
+    """An input file the user named (an image, a prompt file) does not exist or cannot be read."""
+
+
 class UnsupportedArchitectureError(HSSEEError, ValueError):
     """The model's architecture has no EE specification."""
 

@@ -36,6 +36,8 @@ README = "README.md"
 TEMPLATE_NAME = "ee_model_card.md"
 CARD_TAGS = ("hss-ee", "private-inference", "secret-sharing", "equivariant-encryption")
 _MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
+CARD_TASKS = {"t5": "text2text-generation", "resnet": "image-classification", "vit": "image-classification"}
+"""The Hub `pipeline_tag` (and the card's usage section) per model_type; decoder LLMs are `text-generation`."""
 
 
 class PushRefusedError(HSSEEError, ValueError):
@@ -325,11 +327,12 @@ def _plan(folder, repo_id, base_model, license, revision, template) -> PushPlan:
     elif base_model is not None:
         licensing = _base_card_license(base_model)
     model_type = config.get("model_type", "unknown")
+    task = CARD_TASKS.get(model_type, "text-generation")
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         tags=[*CARD_TAGS, model_type],
         base_model=base_model,
-        pipeline_tag="text-generation",
+        pipeline_tag=task,
         **licensing,
     )
     server_files = ["config.json", INDEX_FILE, *sorted(set(weight_map.values()) - {info.client_shard})]
@@ -347,9 +350,10 @@ def _plan(folder, repo_id, base_model, license, revision, template) -> PushPlan:
         base_model=base_model,
         architecture=(config.get("architectures") or ["?"])[0],
         model_type=model_type,
-        num_layers=pick("num_hidden_layers", "n_layer"),
-        hidden_size=pick("hidden_size", "n_embd"),
-        vocab_size=pick("vocab_size"),
+        task=task,
+        num_layers=pick("num_hidden_layers", "n_layer", "num_layers", "depths"),
+        hidden_size=pick("hidden_size", "n_embd", "d_model", "hidden_sizes"),
+        vocab_size=len(config.get("id2label") or {}) or "?" if task == "image-classification" else pick("vocab_size"),
         fingerprint=info.fingerprint,
         format_version=info.format_version,
         frac_bits=info.ring.frac_bits,
