@@ -203,7 +203,8 @@ class StageEngine:
             )
         weight = self.weights.get(stage)
         if weight is None:
-            raise StageRequestError(f"unknown stage {stage!r}; this checkpoint has stages like 'layers.0.qkv'")
+            first = next(iter(self.weights), "?")
+            raise StageRequestError(f"unknown stage {stage!r}; this checkpoint has stages like {first!r}")
         if not 0 < rows:
             raise StageRequestError(f"rows must be positive, got {rows}")
         if rows > self.max_rows:
