@@ -8,18 +8,12 @@ from the EE checkpoint (the converter copies `preprocessor_config.json`).
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-import torch
 from transformers import AutoImageProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_classification import ImageClassificationPipeline
 
-from .key import EEKey
 from .modeling import HSSEEForImageClassification
-from .pipelines import HSSEEClientReference, HSSEEPipelineMixin, client_model
-from .transport import Transport
+from .pipelines import HSSEEClientReference, HSSEEPipelineMixin
 
 TASK = "hss-ee-image-classification"
 
@@ -64,37 +58,10 @@ class HSSEEImageClassificationPipeline(HSSEEPipelineMixin, ImageClassificationPi
     # Soft: a connected client passed in carries no processor; `__init__` then loads the checkpoint's own.
     _load_image_processor = None
 
-    def __init__(
-        self,
-        model: str | os.PathLike | HSSEEClientReference | HSSEEForImageClassification,
-        *args: Any,
-        key: EEKey | str | os.PathLike | None = None,
-        endpoints: tuple[str, str] | list[str] | None = None,
-        transport: Transport | None = None,
-        timeout: float | None = None,
-        max_rows: int | None = None,
-        image_processor: Any = None,
-        device: int | str | torch.device | None = None,
-        **kwargs: Any,
-    ):
-        model, owns_model = client_model(
-            model, TASK, HSSEEForImageClassification, key, endpoints, transport, timeout, max_rows
-        )
-        try:
-            if image_processor is None:
-                image_processor = AutoImageProcessor.from_pretrained(model.config.name_or_path)
-            super().__init__(
-                model,
-                *args,
-                image_processor=image_processor,
-                device=model.device if device is None else device,
-                **kwargs,
-            )
-        except BaseException:
-            if owns_model:
-                model.close()
-            raise
-        self._owns_model = owns_model
+    def _with_preprocessor(self, model, kwargs):
+        if kwargs.get("image_processor") is None:
+            kwargs["image_processor"] = AutoImageProcessor.from_pretrained(model.config.name_or_path)
+        return kwargs
 
 
 def register_image_pipeline() -> None:

@@ -67,6 +67,34 @@ class HSSEEPipelineMixin:
     _task: str = ""
     _owns_model: bool = False
 
+    def __init__(
+        self,
+        model: Any,
+        *args: Any,
+        key: EEKey | str | os.PathLike | None = None,
+        endpoints: tuple[str, str] | list[str] | None = None,
+        transport: Transport | None = None,
+        timeout: float | None = None,
+        max_rows: int | None = None,
+        device: int | str | torch.device | None = None,
+        **kwargs: Any,
+    ):
+        model, owns_model = client_model(
+            model, self._task, self._client_class, key, endpoints, transport, timeout, max_rows
+        )
+        try:
+            kwargs = self._with_preprocessor(model, kwargs)
+            super().__init__(model, *args, device=model.device if device is None else device, **kwargs)
+        except BaseException:
+            if owns_model:
+                model.close()
+            raise
+        self._owns_model = owns_model
+
+    def _with_preprocessor(self, model: HSSEEPreTrainedModel, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` with the task's tokenizer or image processor, from the EE checkpoint unless one was passed."""
+        return kwargs
+
     def check_model_type(self, supported_models: Any) -> None:
         """Accepts exactly the HSS-EE client models of the task (their class names are not in transformers' tables)."""
         if not isinstance(self.model, self._client_class):
@@ -141,31 +169,10 @@ class HSSEETextGenerationPipeline(HSSEEPipelineMixin, TextGenerationPipeline):
     # that failure soft, and `__init__` then loads the tokenizer from the EE checkpoint itself.
     _load_tokenizer = None
 
-    def __init__(
-        self,
-        model: str | os.PathLike | HSSEEClientReference | HSSEEForCausalLM,
-        *args: Any,
-        key: EEKey | str | os.PathLike | None = None,
-        endpoints: tuple[str, str] | list[str] | None = None,
-        transport: Transport | None = None,
-        timeout: float | None = None,
-        max_rows: int | None = None,
-        tokenizer: Any = None,
-        device: int | str | torch.device | None = None,
-        **kwargs: Any,
-    ):
-        model, owns_model = client_model(model, TASK, HSSEEForCausalLM, key, endpoints, transport, timeout, max_rows)
-        try:
-            if tokenizer is None:
-                tokenizer = _checkpoint_tokenizer(model)
-            super().__init__(
-                model, *args, tokenizer=tokenizer, device=model.device if device is None else device, **kwargs
-            )
-        except BaseException:
-            if owns_model:
-                model.close()
-            raise
-        self._owns_model = owns_model
+    def _with_preprocessor(self, model, kwargs):
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = _checkpoint_tokenizer(model)
+        return kwargs
 
 
 def client_model(

@@ -10,17 +10,14 @@ transformers 4 did. Preprocessing and `generate()` are transformers' own; only t
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 
-from .key import EEKey
 from .modeling import HSSEEForConditionalGeneration
-from .pipelines import HSSEEClientReference, HSSEEPipelineMixin, client_model
-from .transport import Transport
+from .pipelines import HSSEEClientReference, HSSEEPipelineMixin
 
 TASK = "hss-ee-text2text-generation"
 
@@ -68,33 +65,10 @@ class HSSEEText2TextGenerationPipeline(HSSEEPipelineMixin, Pipeline):
     _load_processor = False
     _pipeline_calls_generate = True
 
-    def __init__(
-        self,
-        model: str | os.PathLike | HSSEEClientReference | HSSEEForConditionalGeneration,
-        *args: Any,
-        key: EEKey | str | os.PathLike | None = None,
-        endpoints: tuple[str, str] | list[str] | None = None,
-        transport: Transport | None = None,
-        timeout: float | None = None,
-        max_rows: int | None = None,
-        tokenizer: Any = None,
-        device: int | str | torch.device | None = None,
-        **kwargs: Any,
-    ):
-        model, owns_model = client_model(
-            model, TASK, HSSEEForConditionalGeneration, key, endpoints, transport, timeout, max_rows
-        )
-        try:
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-            super().__init__(
-                model, *args, tokenizer=tokenizer, device=model.device if device is None else device, **kwargs
-            )
-        except BaseException:
-            if owns_model:
-                model.close()
-            raise
-        self._owns_model = owns_model
+    def _with_preprocessor(self, model, kwargs):
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = AutoTokenizer.from_pretrained(model.config.name_or_path)
+        return kwargs
 
     def _sanitize_parameters(
         self,
