@@ -166,12 +166,54 @@ def test_greedy_batch_equals_plaintext(case: Case, tok) -> None:
     _assert_same_tokens(secure, plain)
 
 
+def _assert_same_samples(case: Case, inputs, secure: torch.Tensor, plain: torch.Tensor, sampling: dict) -> None:
+    """Seeded samples are equal, or differ only where the draw fell within the fixed-point gap of a boundary.
+
+    Secure logits equal plaintext logits to about 1e-4 relative (16-bit weights, f = 16), not bit for bit. With the
+    same torch seed both runs draw the same uniform numbers, so the tokens are equal unless a draw lands within that
+    gap of a boundary between two tokens, or two logits tie at the top-k / top-p cut to within it (measured: about one
+    run in ten of this file's sampling cases). At the first differing step the test checks what must hold there:
+    the same prefix gives the same raw logits (1e-3 relative), the same sampling distribution to 2e-3 wherever the
+    two runs kept the same tokens, and each run's token in its own run's support. Later steps continue from
+    different prefixes and are not compared.
+    """
+    assert secure.shape == plain.shape
+    differ = (secure != plain).any(dim=0).nonzero()
+    if differ.numel() == 0:
+        return
+    step = int(differ[0])
+    prefix = plain[:, :step]
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(prefix[:, inputs["input_ids"].shape[1] :])], dim=1)
+    probs, logits = [], []
+    for model in (case.model, case.plain):
+        out = model.generate(
+            input_ids=prefix,
+            attention_mask=mask,
+            max_new_tokens=1,
+            min_new_tokens=1,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **sampling,
+        )
+        probs.append(torch.softmax(out.scores[0].double(), dim=-1))
+        logits.append(out.logits[0].double())
+    rel = ((logits[0] - logits[1]).abs().max() / logits[1].abs().max()).item()
+    assert rel <= 1e-3, f"secure and plaintext logits differ by {rel:.3g} (relative) at step {step}"
+    rows = torch.arange(secure.shape[0])
+    assert (probs[0][rows, secure[:, step]] > 0).all() and (probs[1][rows, plain[:, step]] > 0).all()
+    for row in rows:
+        same_support = torch.equal(probs[0][row] > 0, probs[1][row] > 0)
+        gap = (probs[0][row] - probs[1][row]).abs().max().item()
+        assert not same_support or gap <= 2e-3, f"sampling distributions differ by {gap:.3g} at step {step}"
+
+
 @pytest.mark.parametrize("mode", sorted(SAMPLING))
 def test_seeded_sampling_equals_plaintext(case: Case, tok, mode: str) -> None:
     inputs = _batch(tok)
     seed, sampling = SAMPLING[mode]
     secure, plain = _both(case, inputs, seed=seed, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **sampling)
-    _assert_same_tokens(secure, plain)
+    _assert_same_samples(case, inputs, secure, plain, sampling)
     # Sampling is really on: the sample is not the greedy continuation.
     greedy = case.plain.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     assert not torch.equal(plain, greedy)
