@@ -260,6 +260,17 @@ class GrpcTransport(Transport):
         )
         return y_a, y_b
 
+    def run_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
+        """Runs one stage on one server (retried while it is unavailable); see [`Transport.run_party`]."""
+        rows = shares.a.shape[0]
+        common = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "stage": stage, "rows": rows}
+        if party == 0:
+            request = hss_ee_pb2.StageRequest(seed=shares.seed, **common)
+        else:
+            request = hss_ee_pb2.StageRequest(share=shares.b.numpy().tobytes(), **common)
+        reply = self._call_party(party, "Stage", request, threading.Event())
+        return bytes_to_share(reply.share, rows, out_features, self.endpoints[party])
+
     def describe(self) -> tuple[dict, dict]:
         """Asks both servers what they serve.
 

@@ -317,6 +317,16 @@ class VerifyingTransport(Transport):
         self.verifier.check_stage(stage, shares, y_a, y_b, self.endpoints)
         return y_a, y_b
 
+    def run_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
+        """Runs one stage on one server and checks its reply; see [`Transport.run_party`].
+
+        Raises:
+            `CheatingServerError`: the reply fails the check (names the server).
+        """
+        y = self.inner.run_party(party, fingerprint, stage, shares, out_features)
+        self.verifier.check(stage, shares.a if party == 0 else shares.b, y, self.endpoints[party])
+        return y
+
     def close(self) -> None:
         self.inner.close()
 

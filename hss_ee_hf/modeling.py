@@ -81,6 +81,7 @@ class HSSEEPreTrainedModel:
         verify: bool = False,
         verify_rows: int = 40,
         max_rows: int = 4096,
+        precompute: bool = True,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
@@ -105,6 +106,8 @@ class HSSEEPreTrainedModel:
             verify_rows (`int`, *optional*, defaults to 40): secret check rows; a wrong share passes with
                 probability at most `2^-verify_rows`.
             max_rows (`int`, *optional*): the most rows sent in one request (longer prompts are split).
+            precompute (`bool`, *optional*, defaults to `True`): ask party A for its products ahead of time (its
+                share never depends on the data), so that each decode step waits only for party B.
             revision, cache_dir, token, local_files_only: as in `transformers`' `from_pretrained`.
             kwargs: config overrides (e.g. `attn_implementation="eager"`).
 
@@ -154,7 +157,7 @@ class HSSEEPreTrainedModel:
             if hasattr(transport, "check_fingerprint"):  # fail at load, naming the server, not at generate()
                 servers = transport.check_fingerprint(info.fingerprint)
                 max_rows = min([max_rows, *(d["max_rows"] for d in servers)])
-            model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows)
+            model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows, precompute)
         except BaseException:
             transport.close()
             raise
@@ -166,7 +169,7 @@ class HSSEEPreTrainedModel:
         )
         return model.eval()
 
-    def _hss_ee_attach(self, folder, config, info, ee_key, transport, max_rows) -> None:
+    def _hss_ee_attach(self, folder, config, info, ee_key, transport, max_rows, precompute=True) -> None:
         folder = Path(folder)
         with safe_open(str(folder / info.client_shard), "pt") as f:
             client = {name: f.get_tensor(name).to(torch.float32) for name in f.keys()}
@@ -176,7 +179,7 @@ class HSSEEPreTrainedModel:
             scales = {name: f.get_tensor(name) for name in f.keys()}
         layout = stage_layout(config)
         in_features = {}
-        stage_client = StageClient(transport, info, scales, in_features, max_rows=max_rows)
+        stage_client = StageClient(transport, info, scales, in_features, max_rows=max_rows, precompute=precompute)
         for stage in layout:
             modules = [self.get_submodule(part.module) for part in stage.parts]
             dims = [_linear_dims(m, part.kind) for m, part in zip(modules, stage.parts, strict=True)]
@@ -212,6 +215,7 @@ class HSSEEPreTrainedModel:
 
     def close(self) -> None:
         """Closes the connections to the share servers."""
+        self.hss_ee_client.close()
         self.hss_ee_client.transport.close()
 
     def __enter__(self):

@@ -3,20 +3,36 @@
 [`StageClient`] is the only place where plaintext activations become shares and output shares
 become plaintext again. It sits between the client model (which knows HF modules) and the
 transport (which knows bytes); it keeps counters a benchmark reads.
+
+Offline/online split: party A's share is a function of a fresh seed only, never of the data, so its
+product `x_A @ W_int.T` can be computed before the data exists. After each stage call of `n` rows the
+client asks party A, in the background, for its product under the next seed of that stage and shape.
+The next call of the same stage and shape then only has to wait for party B (`x_B = x - x_A`); party A's
+work overlaps the client's own nonlinear work. Every seed is used once. What each server receives is
+unchanged (A: 32-byte seeds, B: uniformly random shares); A's requests no longer line up with the user's
+tokens in time.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoint import HSSEECheckpointInfo
-from .errors import CheckpointError
+from .errors import CheckpointError, TransportError
 from .ring import decode_output, encode
-from .sharing import reconstruct, share
+from .sharing import Shares, mask_for, reconstruct, share, share_with
 from .transport import Transport
+
+logger = logging.getLogger(__name__)
+PRECOMPUTE_MAX_ROWS = 16
+"""Party A's products are prepared only for calls of at most this many rows (decode steps of a batch): a prompt's
+shape rarely comes back, and preparing for it would double party A's prefill work for nothing."""
+_Prepared = tuple[bytes, torch.Tensor, torch.Tensor]  # (seed, party A's share, party A's output share)
 
 
 @dataclass
@@ -32,6 +48,8 @@ class StageStats:
         share_seconds (`float`): encoding and sharing (client-side cryptography).
         wait_seconds (`float`): waiting for the two servers (network, (de)serialisation, server compute).
         decode_seconds (`float`): reconstruction and decoding.
+        precomputed (`int`): stage calls whose party-A product was prepared ahead of time (only party B was
+            waited for).
     """
 
     round_trips: int = 0
@@ -42,10 +60,11 @@ class StageStats:
     share_seconds: float = 0.0
     wait_seconds: float = 0.0
     decode_seconds: float = 0.0
+    precomputed: int = 0
     per_stage: dict[str, int] = field(default_factory=dict, repr=False)
 
     def reset(self) -> None:
-        self.round_trips = self.rows = self.bytes_sent = self.bytes_received = 0
+        self.round_trips = self.rows = self.bytes_sent = self.bytes_received = self.precomputed = 0
         self.seconds = self.share_seconds = self.wait_seconds = self.decode_seconds = 0.0
         self.per_stage.clear()
 
@@ -58,6 +77,8 @@ class StageClient:
         info (`HSSEECheckpointInfo`): the checkpoint's ring parameters and fingerprint.
         scales (`dict[str, torch.Tensor]`): public per-stage weight scales (stage -> `(out,)`).
         max_rows (`int`, *optional*): split larger inputs into several requests of at most this many rows.
+        precompute (`bool`, *optional*, defaults to `True`): prepare party A's products ahead of time (see the
+            module docstring); needs a transport with `run_party`.
     """
 
     def __init__(
@@ -67,6 +88,7 @@ class StageClient:
         scales: dict[str, torch.Tensor],
         in_features: dict[str, int],
         max_rows: int = 4096,
+        precompute: bool = True,
     ):
         self.transport = transport
         self.info = info
@@ -74,6 +96,11 @@ class StageClient:
         self.in_features = in_features
         self.max_rows = max_rows
         self.stats = StageStats()
+        self.precompute = precompute
+        # (stage, rows) -> party A's product under a seed prepared ahead of time; one background worker, as
+        # party A is one server and its requests need no parallelism.
+        self._ready: dict[tuple[str, int], Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute") if precompute else None
 
     def run(self, stage: str, x: torch.Tensor) -> torch.Tensor:
         """Computes `x @ W_stage.T` on the servers without either of them seeing `x`.
@@ -102,12 +129,62 @@ class StageClient:
         y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], scale.numel())
 
+    def _prepare(self, stage: str, rows: int, in_features: int, out_features: int) -> _Prepared:
+        """Party A's output share under a fresh mask, before the data exists (runs on the background worker)."""
+        seed, a = mask_for((rows, in_features))
+        only_a = Shares(seed=seed, a=a, b=torch.empty(0, dtype=torch.int64))  # party B's share does not exist yet
+        return seed, a, self.transport.run_party(0, self.info.fingerprint, stage, only_a, out_features)
+
+    def _schedule(self, stage: str, rows: int, in_features: int, out_features: int) -> None:
+        if self._pool is None or rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
+            return
+        try:
+            self._ready[(stage, rows)] = self._pool.submit(self._prepare, stage, rows, in_features, out_features)
+        except RuntimeError:  # the pool is shut down (the client was closed)
+            pass
+
+    def _prepared(self, stage: str, rows: int) -> _Prepared | None:
+        """A prepared party-A product for this stage and shape, or `None` (then both servers are asked)."""
+        future = self._ready.pop((stage, rows), None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except NotImplementedError:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None  # this transport cannot call one server: ask both, always
+        except TransportError as err:  # a failed background call: the ordinary path retries and reports it
+            logger.debug("precomputed product for %s unavailable (%s); asking both servers", stage, type(err).__name__)
+        return None
+
+    def wait_prepared(self) -> None:
+        """Waits until every party-A product asked for ahead of time has arrived (or failed)."""
+        wait(list(self._ready.values()))
+
+    def close(self) -> None:
+        """Stops preparing party A's products (the transport is closed by its owner)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._ready.clear()
+
     def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        shares = share(encode(x, self.info.ring, x.shape[-1]))
-        shared = time.perf_counter()
-        y_a, y_b = self.transport.run_stage(self.info.fingerprint, stage, shares, scale.numel())
+        rows, in_features, out_features = x.shape[0], x.shape[-1], scale.numel()
+        prepared = self._prepared(stage, rows) if self._pool is not None else None
+        encoded = encode(x, self.info.ring, in_features)
+        if prepared is not None:
+            seed, a, y_a = prepared
+            shares = share_with(encoded, seed, a)
+            shared = time.perf_counter()
+            y_b = self.transport.run_party(1, self.info.fingerprint, stage, shares, out_features)
+            self.stats.precomputed += 1
+        else:
+            shares = share(encoded)
+            shared = time.perf_counter()
+            y_a, y_b = self.transport.run_stage(self.info.fingerprint, stage, shares, out_features)
         received = time.perf_counter()
+        self._schedule(stage, rows, in_features, out_features)
         y = decode_output(reconstruct(y_a, y_b), scale, x.shape[-1], self.info.ring)
         st = self.stats
         st.share_seconds += shared - start

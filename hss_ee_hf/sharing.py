@@ -53,6 +53,25 @@ def share(x: torch.Tensor) -> Shares:
     return Shares(seed=seed, a=a, b=x.cpu() - a)
 
 
+def mask_for(shape: tuple[int, ...]) -> tuple[bytes, torch.Tensor]:
+    """A fresh seed and party A's share it expands to, drawn before the value to share exists.
+
+    Party A's share never depends on the data, so it (and party A's product with it) can be prepared ahead of time;
+    [`share_with`] completes the pair once the value is known.
+    """
+    seed = new_seed()
+    return seed, expand_share(seed, shape)
+
+
+def share_with(x: torch.Tensor, seed: bytes, a: torch.Tensor) -> Shares:
+    """Shares `x` under a mask from [`mask_for`] (used exactly once): `b = x - a mod 2^64`."""
+    if x.dtype != torch.int64:
+        raise TypeError(f"only int64 ring tensors can be shared, got {x.dtype}")
+    if tuple(x.shape) != tuple(a.shape):
+        raise ValueError(f"mask shape {tuple(a.shape)} does not match the value's {tuple(x.shape)}")
+    return Shares(seed=seed, a=a, b=x.cpu() - a)
+
+
 def reconstruct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Adds two shares back together (mod 2^64)."""
     if a.shape != b.shape:

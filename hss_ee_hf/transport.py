@@ -50,6 +50,21 @@ class Transport(ABC):
             `TransportError`: naming the endpoint that failed.
         """
 
+    def run_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
+        """Runs one stage on one server: party 0 (A) is sent `shares.seed`, party 1 (B) `shares.b`.
+
+        The client uses it to prepare party A's products ahead of time (A's share never depends on the data) and
+        then to ask party B alone once the data is there. Transports that cannot call one party raise
+        `NotImplementedError`, and the client then sends every stage to both servers at once.
+
+        Returns:
+            That server's `(rows, out_features)` output share.
+
+        Raises:
+            `TransportError`: naming the endpoint that failed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot call one server alone")
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases connections and threads."""
 
@@ -84,6 +99,12 @@ class InProcessTransport(Transport):
             return self.engines[party].compute(fingerprint, stage, rows, version=PROTOCOL_VERSION, **payload)
         except StageRequestError as err:
             raise TransportError(self.endpoints[party], f"{err.code}: {err}") from err
+
+    def run_party(self, party, fingerprint, stage, shares, out_features):
+        rows = shares.a.shape[0]
+        payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
+        raw = self._call(party, fingerprint, stage, rows, payload)
+        return bytes_to_share(raw, rows, out_features, self.endpoints[party])
 
     def run_stage(self, fingerprint, stage, shares, out_features):
         rows = shares.b.shape[0]

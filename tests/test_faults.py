@@ -97,17 +97,26 @@ class _Servers:
 
 
 class _KillingTransport(GrpcTransport):
-    """Kills server B just before the `kill_at`-th stage call; it comes back `down_for` seconds later."""
+    """Kills server B just before the `kill_at`-th call that reaches it (a stage sent to both servers, or to B alone
+    when party A's product was prepared ahead of time); it comes back `down_for` seconds later."""
 
     def __init__(self, servers: _Servers, kill_at: int, down_for: float):
         super().__init__(servers.endpoints, config=RESTART_CONFIG)
         self.servers, self.kill_at, self.down_for, self.calls = servers, kill_at, down_for, 0
 
-    def run_stage(self, fingerprint, stage, shares, out_features):
+    def _count(self) -> None:
         self.calls += 1
         if self.calls == self.kill_at:
             self.servers.kill_then_restart_later(1, self.down_for)
+
+    def run_stage(self, fingerprint, stage, shares, out_features):
+        self._count()
         return super().run_stage(fingerprint, stage, shares, out_features)
+
+    def run_party(self, party, fingerprint, stage, shares, out_features):
+        if party == 1:
+            self._count()
+        return super().run_party(party, fingerprint, stage, shares, out_features)
 
 
 def test_server_killed_between_calls_and_restarted_mid_generation(tiny_llama, reference: list[int]):
