@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default="bench/results/decode_breakdown.png", help="where to write the PNG plot")
     p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
     p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
+    p.add_argument(
+        "--no-precompute",
+        action="store_true",
+        help="send every stage to both servers at once instead of preparing party A's products ahead of time",
+    )
     args = p.parse_args(argv)
     quiet()
     wd = workdir(args.workdir)
@@ -95,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.server_threads:
         server_args += ["--threads", str(args.server_threads)]
     with local_servers(ee, extra_args=server_args) as endpoints:
-        with HSSEEForCausalLM.from_pretrained(ee, key=key, endpoints=endpoints) as model:
+        with HSSEEForCausalLM.from_pretrained(
+            ee, key=key, endpoints=endpoints, precompute=not args.no_precompute
+        ) as model:
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
             model.hss_ee_stats.reset()
             _, t1 = timed(
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             "secure_ms_per_token": secure_ms,
             "ratio": secure_ms / plain_ms,
             "tokens_match": match,
+            "precompute": not args.no_precompute,
+            "precomputed_per_token": per_tok["precomputed"],
         }
     )
     for n in args.prefill:
@@ -172,6 +181,7 @@ def _snapshot(stats) -> dict:
         "share_seconds",
         "wait_seconds",
         "decode_seconds",
+        "precomputed",
     )
     return {k: float(getattr(stats, k)) for k in keys}
 
