@@ -171,8 +171,10 @@ class StageClient:
     def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         rows, in_features, out_features = x.shape[0], x.shape[-1], scale.numel()
-        prepared = self._prepared(stage, rows) if self._pool is not None else None
         encoded = encode(x, self.info.ring, in_features)
+        encoded_at = time.perf_counter()
+        prepared = self._prepared(stage, rows) if self._pool is not None else None  # may wait for party A
+        waited = time.perf_counter() - encoded_at
         if prepared is not None:
             seed, a, y_a = prepared
             shares = share_with(encoded, seed, a)
@@ -187,8 +189,8 @@ class StageClient:
         self._schedule(stage, rows, in_features, out_features)
         y = decode_output(reconstruct(y_a, y_b), scale, x.shape[-1], self.info.ring)
         st = self.stats
-        st.share_seconds += shared - start
-        st.wait_seconds += received - shared
+        st.share_seconds += shared - start - waited
+        st.wait_seconds += received - shared + waited
         st.decode_seconds += time.perf_counter() - received
         st.round_trips += 1
         st.rows += x.shape[0]

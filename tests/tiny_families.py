@@ -37,7 +37,7 @@ def tiny_t5_config(variant: str) -> T5Config:
         num_heads=4,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=20,
-        initializer_factor=2.0,
+        initializer_factor=1.5,
         pad_token_id=0,
         eos_token_id=2,
         decoder_start_token_id=0,
