@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_families import T5_VARIANTS, convert_tiny_family
+from tiny_families import T5_VARIANTS, connected, convert_tiny_family
 from tiny_models import tiny_tokenizer
 from transformers import T5ForConditionalGeneration, pipeline
 
 from hss_ee_hf import HSSEEForCausalLM, HSSEEForConditionalGeneration, HSSEEText2TextGenerationPipeline
 from hss_ee_hf.engine import StageEngine
 from hss_ee_hf.errors import CheckpointError
-from hss_ee_hf.server import start_server
 from hss_ee_hf.stages import stage_layout
 from hss_ee_hf.transport import InProcessTransport
 
@@ -57,19 +56,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def case(request: pytest.FixtureRequest, converted: dict) -> Iterator[Case]:
     variant, kind = request.param
     plain, folder, key = converted[variant]
-    servers = []
-    if kind == "in-process":
-        model = HSSEEForConditionalGeneration.from_pretrained(
-            folder, key=key, transport=InProcessTransport(StageEngine(folder))
-        )
-    else:
-        servers = [start_server(StageEngine(folder), "127.0.0.1", 0) for _ in range(2)]
-        endpoints = tuple(f"127.0.0.1:{port}" for _, port in servers)
-        model = HSSEEForConditionalGeneration.from_pretrained(folder, key=key, endpoints=endpoints, timeout=30.0)
-    yield Case(variant, kind, plain, model, folder, key)
-    model.close()
-    for server, _ in servers:
-        server.stop(grace=None)
+    with connected(HSSEEForConditionalGeneration, folder, key, kind) as model:
+        yield Case(variant, kind, plain, model, folder, key)
 
 
 def _batch():

@@ -16,13 +16,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_families import IMAGE_SIZE, VISION_VARIANTS, assert_same_top1, convert_tiny_family, tiny_image_processor
+from tiny_families import (
+    IMAGE_SIZE,
+    VISION_VARIANTS,
+    assert_same_top1,
+    connected,
+    convert_tiny_family,
+    tiny_image_processor,
+)
 from transformers import pipeline
 from transformers.modeling_outputs import ImageClassifierOutput, ImageClassifierOutputWithNoAttention
 
 from hss_ee_hf import HSSEEForImageClassification, HSSEEImageClassificationPipeline
 from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.server import start_server
 from hss_ee_hf.stages import stage_layout
 from hss_ee_hf.transport import InProcessTransport
 
@@ -56,19 +62,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def case(request: pytest.FixtureRequest, converted: dict) -> Iterator[Case]:
     variant, kind = request.param
     plain, folder, key = converted[variant]
-    servers = []
-    if kind == "in-process":
-        model = HSSEEForImageClassification.from_pretrained(
-            folder, key=key, transport=InProcessTransport(StageEngine(folder))
-        )
-    else:
-        servers = [start_server(StageEngine(folder), "127.0.0.1", 0) for _ in range(2)]
-        endpoints = tuple(f"127.0.0.1:{port}" for _, port in servers)
-        model = HSSEEForImageClassification.from_pretrained(folder, key=key, endpoints=endpoints, timeout=30.0)
-    yield Case(variant, kind, plain, model, folder, key)
-    model.close()
-    for server, _ in servers:
-        server.stop(grace=None)
+    with connected(HSSEEForImageClassification, folder, key, kind) as model:
+        yield Case(variant, kind, plain, model, folder, key)
 
 
 def _pixels(variant: str, count: int = IMAGES) -> torch.Tensor:

@@ -6,6 +6,8 @@ transform or a wrong fold changes outputs instead of hiding in noise.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,3 +148,25 @@ def convert_tiny_family(variant: str, root: Path, seed: int = 0):
         tiny_image_processor(variant).save_pretrained(src)
     convert(src, out, key)
     return model, out, key
+
+
+@contextmanager
+def connected(client_class, folder: Path, key: Path, transport: str) -> Iterator:
+    """A client model of `client_class` on two share servers: `"in-process"` engines or real `"grpc"` servers."""
+    from hss_ee_hf.engine import StageEngine
+    from hss_ee_hf.server import start_server
+    from hss_ee_hf.transport import InProcessTransport
+
+    servers = []
+    if transport == "in-process":
+        model = client_class.from_pretrained(folder, key=key, transport=InProcessTransport(StageEngine(folder)))
+    else:
+        servers = [start_server(StageEngine(folder), "127.0.0.1", 0) for _ in range(2)]
+        endpoints = tuple(f"127.0.0.1:{port}" for _, port in servers)
+        model = client_class.from_pretrained(folder, key=key, endpoints=endpoints, timeout=30.0)
+    try:
+        yield model
+    finally:
+        model.close()
+        for server, _ in servers:
+            server.stop(grace=None)
