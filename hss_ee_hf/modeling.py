@@ -272,7 +272,8 @@ class HSSEEForConditionalGeneration(HSSEEPreTrainedModel):
 
     `HSSEEForConditionalGeneration.from_pretrained(...)` returns a subclass of this class and of
     `T5ForConditionalGeneration`. The encoder runs once per prompt (four round trips per encoder layer); every
-    decoder step costs seven per decoder layer (self-attention, cross-attention query and output, MLP) plus
+    decoder step costs six per decoder layer (self-attention q/k/v and output, cross-attention query and output, MLP up
+    and down) plus
     lm_head, and the cross-attention keys and values of the encoder output are computed once and kept in the
     client's cache.
 

@@ -96,7 +96,6 @@ class StageClient:
         self.in_features = in_features
         self.max_rows = max_rows
         self.stats = StageStats()
-        self.precompute = precompute
         # (stage, rows) -> party A's product under a seed prepared ahead of time; one background worker, as
         # party A is one server and its requests need no parallelism.
         self._ready: dict[tuple[str, int], Future] = {}

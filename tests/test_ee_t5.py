@@ -19,6 +19,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_families import t5_small_config
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -346,17 +347,7 @@ def test_saved_checkpoint_reloads_with_separate_head(converted, tmp_path):
 @pytest.mark.slow
 def test_t5_small_shape_logits_are_equivariant():
     """The real T5-small shape (random weights): 6 + 6 layers, 8 heads of 64, d_ff 2048, vocabulary 32128."""
-    config = T5Config(
-        vocab_size=32128,
-        d_model=512,
-        d_kv=64,
-        num_heads=8,
-        d_ff=2048,
-        num_layers=6,
-        feed_forward_proj="relu",
-        dropout_rate=0.0,
-        initializer_factor=1.0,
-    )
+    config = t5_small_config(dropout_rate=0.0, initializer_factor=1.0)
     model = _build(config, "t5-small", untie_head=False)
     spec, _, ee_model = _convert(config, model, ChaChaStream(_seed("ee:t5-small")))
     inputs = _seeded_inputs(config, 13, enc_len=24, dec_len=12)

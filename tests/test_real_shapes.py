@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_families import assert_same_top1, spread_classifier
+from tiny_families import assert_same_top1, spread_classifier, t5_small_config
 from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
-    T5Config,
     T5ForConditionalGeneration,
     ViTConfig,
     ViTForImageClassification,
@@ -38,18 +37,7 @@ def _convert(model: torch.nn.Module, tmp_path) -> tuple:
 @torch.no_grad()
 def test_t5_small_shape_generates_like_plaintext(tmp_path) -> None:
     torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=32128,
-        d_model=512,
-        d_kv=64,
-        d_ff=2048,
-        num_layers=6,
-        num_heads=8,
-        feed_forward_proj="relu",
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    config = t5_small_config()
     plain = T5ForConditionalGeneration(config).eval()
     folder, key = _convert(plain, tmp_path)
     ids = torch.randint(2, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

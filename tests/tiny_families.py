@@ -51,6 +51,23 @@ def tiny_t5_config(variant: str) -> T5Config:
     raise ValueError(f"unknown tiny T5 variant {variant!r}")
 
 
+def t5_small_config(**overrides) -> T5Config:
+    """The real T5-small shape (6 + 6 layers, 8 heads of 64, d_ff 2048, vocabulary 32128), for random weights."""
+    shape = dict(
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_heads=8,
+        feed_forward_proj="relu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5Config(**{**shape, **overrides})
+
+
 def tiny_vision_config(variant: str):
     labels = {"num_labels": NUM_LABELS}
     if variant == "resnet-bottleneck":
