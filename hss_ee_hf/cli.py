@@ -114,6 +114,14 @@ class ServeCommand(Command):
             default=0.0,
             help="batch concurrent sessions' requests for one stage arriving within this many ms (default 0: off)",
         )
+        p.add_argument(
+            "--kernel",
+            choices=["auto", "native", "float64"],
+            default=None,
+            help="CPU ring kernel: native (2-byte weights, AVX2, built once with the system C compiler), float64 "
+            "(three 22-bit limbs through float64 GEMM), or auto: native when it builds (default: $HSS_EE_KERNEL "
+            "or auto)",
+        )
         from .security import add_server_security_args
 
         add_server_security_args(p)
@@ -139,6 +147,7 @@ class ServeCommand(Command):
             max_workers=args.workers,
             security=server_security_from_args(args),
             batch_window_ms=args.batch_window_ms,
+            kernel=args.kernel,
         )
         return 0
 

@@ -141,6 +141,8 @@ class StageEngine:
         progress (`bool`, *optional*): show a progress bar while loading.
         batch_window_ms (`float`, *optional*, defaults to 0): when positive, concurrent requests for the same
             stage arriving within this many milliseconds are computed as one batch ([`StageBatcher`]).
+        kernel (`str`, *optional*): the CPU ring kernel, `"auto"` (native when a C compiler can build it),
+            `"native"` or `"float64"`; defaults to `$HSS_EE_KERNEL` or `"auto"`. CUDA always uses float64.
 
     Example:
 
@@ -157,6 +159,7 @@ class StageEngine:
         max_rows: int = DEFAULT_MAX_ROWS,
         progress: bool = False,
         batch_window_ms: float = 0.0,
+        kernel: str | None = None,
     ):
         folder = Path(checkpoint)
         self.info = HSSEECheckpointInfo.from_folder(folder)
@@ -167,9 +170,22 @@ class StageEngine:
         self.max_rows = max_rows
         self.weights: dict[str, RingWeight] = {}
         for stage, w_int, _ in iter_stage_weights(folder, self.config, self.info.ring, progress=progress):
-            self.weights[stage.name] = RingWeight(w_int, device=self.device)
+            self.weights[stage.name] = RingWeight(w_int, device=self.device, kernel=kernel)
         self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
-        logger.info("loaded %d stages of checkpoint %s on %s", len(self.weights), short(self.fingerprint), self.device)
+        held = sum(w.nbytes for w in self.weights.values())
+        logger.info(
+            "loaded %d stages of checkpoint %s on %s (%s kernel, %.1f MB of weights)",
+            len(self.weights),
+            short(self.fingerprint),
+            self.device,
+            self.kernel,
+            held / 1e6,
+        )
+
+    @property
+    def kernel(self) -> str:
+        """`"native"` or `"float64"`: the ring kernel the stage weights are held for."""
+        return next(iter(self.weights.values())).kernel if self.weights else "float64"
 
     @property
     def fingerprint(self) -> str:

@@ -76,3 +76,8 @@ class StageRequestError(StageError):
     def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
         self.code = code
         super().__init__(message)
+
+
+class NativeKernelError(HSSEEError, RuntimeError):
+    """The native ring kernel was asked for by name (`--kernel native`, `HSS_EE_KERNEL=native`) but could
+    not be built or loaded; install a C compiler (gcc or clang) or use `--kernel auto`."""

@@ -308,6 +308,7 @@ def serve(
     progress: bool = True,
     security: HSSEEServerSecurity | None = None,
     batch_window_ms: float = 0.0,
+    kernel: str | None = None,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -331,6 +332,7 @@ def serve(
             `--token-file`).
         batch_window_ms (`float`, *optional*, defaults to 0): batch concurrent sessions' requests for the same
             stage that arrive within this many milliseconds into one product (0 turns batching off).
+        kernel (`str`, *optional*): CPU ring kernel, `"auto"`, `"native"` or `"float64"` (see [`StageEngine`]).
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -350,6 +352,7 @@ def serve(
         max_rows=max_rows or DEFAULT_MAX_ROWS,
         progress=progress,
         batch_window_ms=batch_window_ms,
+        kernel=kernel,
     )
     if max_rows is None:
         fit_max_rows(engine)

@@ -7,6 +7,7 @@ so the tests do not trust `int64` wrap-around either.
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -30,6 +31,8 @@ from hss_ee_hf.sharing import reconstruct, share
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 W_MAX = (1 << 15) - 1
+# the native kernel is tested wherever a C compiler exists (CI has gcc); "native" fails loudly if it cannot build
+KERNELS = ["float64", "native"] if shutil.which("cc") or shutil.which("gcc") else ["float64"]
 
 int64_values = st.one_of(
     st.sampled_from([INT64_MIN, INT64_MAX, -1, 0, 1, INT64_MIN + 1, INT64_MAX - 1]),
@@ -72,7 +75,8 @@ def test_ring_matmul_matches_bigint_reference(problem):
     xt = torch.tensor(x, dtype=torch.int64)
     wt = torch.tensor(w, dtype=torch.int64)
     assert ring_matmul_reference(xt, wt).tolist() == expected
-    assert RingWeight(wt).matmul(xt).tolist() == expected
+    for kernel in KERNELS:
+        assert RingWeight(wt, kernel=kernel).matmul(xt).tolist() == expected, kernel
 
 
 @pytest.mark.parametrize("in_features", [4096, MAX_IN_FEATURES - 1])
@@ -96,7 +100,8 @@ def test_limb_kernel_exact_at_large_in_features(in_features):
         ]
     )
     expected = bigint_matmul(x.tolist(), w.tolist())
-    assert RingWeight(w).matmul(x).tolist() == expected
+    for kernel in KERNELS:
+        assert RingWeight(w, kernel=kernel).matmul(x).tolist() == expected, kernel
     assert ring_matmul_reference(x, w).tolist() == expected
 
 
@@ -151,8 +156,10 @@ def test_worst_case_legit_product_is_exact_and_decodes(config, in_features):
     w_int = torch.full((3, in_features), config.weight_max, dtype=torch.int64)
     w_int[1] = -config.weight_max
     w_int[2, ::2] = -config.weight_max
-    y = RingWeight(w_int).matmul(x_int)
+    y = RingWeight(w_int, kernel="float64").matmul(x_int)
     assert y.tolist() == bigint_matmul(x_int.tolist(), w_int.tolist())
+    for kernel in KERNELS:
+        assert torch.equal(RingWeight(w_int, kernel=kernel).matmul(x_int), y), kernel
     out = decode_output(y, torch.ones(3, dtype=torch.float64), in_features, config)
     expected = x @ w_int.to(torch.float64).T
     assert (out - expected).abs().max().item() <= in_features * config.weight_max * 2.0 ** -(config.frac_bits + 1)

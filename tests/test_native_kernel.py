@@ -1,0 +1,167 @@
+"""The native ring kernel (`ring_kernel.c`): exact against the int64 reference, and a clean fallback.
+
+`test_ring.py` proves every kernel against a big-integer reference on small random problems; this
+file covers what only the native kernel has: its four-row SIMD blocks and their tails, the split of
+output rows over threads, non-contiguous inputs, the 2-byte weight it reads, and what happens when
+no compiler is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+
+import pytest
+import torch
+
+from hss_ee_hf import native
+from hss_ee_hf.csprng import ChaChaStream
+from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.errors import InvalidConfigError, NativeKernelError
+from hss_ee_hf.ring import RingWeight, ring_matmul_reference
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler to build the native kernel"
+)
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+W_MAX = (1 << 15) - 1
+
+
+def extreme_problem(rows: int, in_features: int, out_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform shares and weights, with rows and columns pinned at the ends of both ranges."""
+    rng = ChaChaStream(seed.to_bytes(4, "little") * 8)
+    x = rng.int64((rows, in_features))
+    x[0] = INT64_MIN
+    if rows > 1:
+        x[1] = INT64_MAX
+    if rows > 2:
+        x[2] = -1
+    w = torch.remainder(rng.int64((out_features, in_features)), 2 * W_MAX + 1) - W_MAX
+    w[0] = W_MAX
+    if out_features > 1:
+        w[1] = -W_MAX
+    if out_features > 2:
+        w[2, ::2] = -W_MAX
+    return x, w
+
+
+@pytest.mark.parametrize(
+    "rows,in_features,out_features",
+    [
+        (1, 1, 1),
+        (1, 3, 5),  # no full SIMD vector, no full four-row block
+        (2, 4, 4),
+        (3, 5, 7),  # one block and a tail on both axes
+        (17, 1537, 9),
+        (1, 576, 3072),  # enough work to split over threads
+        (5, 1536, 577),  # threads, each with a tail of output rows
+        (300, 64, 130),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_matches_int64_reference(rows, in_features, out_features, threads):
+    x, w = extreme_problem(rows, in_features, out_features, seed=rows + in_features + out_features)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weight = RingWeight(w, kernel="native")
+        y = weight.matmul(x)
+    finally:
+        torch.set_num_threads(before)
+    assert weight.kernel == "native"
+    assert torch.equal(y, ring_matmul_reference(x, w))
+
+
+def test_native_reads_two_bytes_per_weight_and_takes_views():
+    x, w = extreme_problem(6, 40, 12, seed=1)
+    native_weight = RingWeight(w, kernel="native")
+    float_weight = RingWeight(w, kernel="float64")
+    assert native_weight.nbytes == 2 * w.numel()
+    assert float_weight.nbytes == 8 * w.numel()
+    view = x.T.contiguous().T  # same values, column-major strides
+    assert not view.is_contiguous()
+    assert torch.equal(native_weight.matmul(view), ring_matmul_reference(x, w))
+    assert torch.equal(native_weight.matmul(x[:0]), torch.empty(0, 12, dtype=torch.int64))
+
+
+def test_concurrent_calls_share_one_weight():
+    # a server answers several sessions at once with the same weight: the kernel keeps no state
+    x_all, w = extreme_problem(16, 320, 3072, seed=2)
+    weight = RingWeight(w, kernel="native")
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        results[i] = weight.matmul(x_all[i : i + 1])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(torch.cat([results[i] for i in range(16)]), ring_matmul_reference(x_all, w))
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch, tmp_path):
+    """An empty build cache and no kernel loaded yet in this process."""
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("HSS_EE_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("HSS_EE_KERNEL", raising=False)
+    return tmp_path / "kernels"
+
+
+def test_build_is_cached_per_machine(fresh_kernel_state):
+    kernel = native.load_native_kernel("native")
+    assert kernel is not None and kernel.simd == ("avx2" in native._cpu_signature())
+    built = list(fresh_kernel_state.glob("ring_kernel-*.so"))
+    assert len(built) == 1 and kernel.path == built[0]
+    native._loaded.clear()
+    assert native.load_native_kernel("auto").path == built[0]  # reused, not rebuilt
+    assert list(fresh_kernel_state.iterdir()) == built  # no temporary left behind
+
+
+def test_without_a_compiler_auto_falls_back_and_native_says_why(fresh_kernel_state, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(fresh_kernel_state / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="hss_ee_hf.native"):
+        assert native.load_native_kernel("auto") is None
+    assert "using the float64 kernel" in caplog.text
+    with pytest.raises(NativeKernelError, match="unavailable"):
+        native.load_native_kernel("native")
+    x, w = extreme_problem(3, 33, 10, seed=3)
+    weight = RingWeight(w)
+    assert weight.kernel == "float64"
+    assert torch.equal(weight.matmul(x), ring_matmul_reference(x, w))
+
+
+def test_failed_compile_is_reported(fresh_kernel_state, monkeypatch, tmp_path):
+    fake_cc = tmp_path / "fake-cc"
+    fake_cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'boom: no' >&2\nexit 1\n")
+    fake_cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake_cc))
+    with pytest.raises(NativeKernelError, match="boom: no"):
+        native.load_native_kernel("native")
+    assert not list(fresh_kernel_state.glob("*.so"))
+
+
+def test_kernel_choice_from_argument_and_environment(monkeypatch):
+    monkeypatch.setenv("HSS_EE_KERNEL", "float64")
+    assert native.kernel_choice() == "float64"
+    assert native.load_native_kernel() is None
+    assert RingWeight(torch.ones(2, 3, dtype=torch.int64)).kernel == "float64"
+    assert native.kernel_choice("native") == "native"
+    with pytest.raises(InvalidConfigError, match="auto, native, float64"):
+        native.kernel_choice("fast")
+
+
+def test_engines_with_either_kernel_return_the_same_bytes(tiny_ee_checkpoint):
+    native_engine = StageEngine(tiny_ee_checkpoint, kernel="native")
+    float_engine = StageEngine(tiny_ee_checkpoint, kernel="float64")
+    assert (native_engine.kernel, float_engine.kernel) == ("native", "float64")
+    rng = ChaChaStream(b"\x05" * 32)
+    for stage, (in_features, _) in native_engine.describe().items():
+        share = rng.bytes(3 * in_features * 8)
+        fp = native_engine.fingerprint
+        assert native_engine.compute(fp, stage, 3, share=share) == float_engine.compute(fp, stage, 3, share=share)
