@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
     p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
     p.add_argument(
+        "--kernel",
+        choices=["auto", "native", "float64"],
+        default="auto",
+        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
+    )
+    p.add_argument(
         "--no-precompute",
         action="store_true",
         help="send every stage to both servers at once instead of preparing party A's products ahead of time",
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     prefill_plain = {n: prefill_ms(plain, prompt_ids(None, vocab, n)) for n in args.prefill}
     layers = plain.config.num_hidden_layers
     del plain
-    server_args = ["--device", args.device]
+    server_args = ["--device", args.device, "--kernel", args.kernel]
     if args.server_threads:
         server_args += ["--threads", str(args.server_threads)]
     with local_servers(ee, extra_args=server_args) as endpoints:
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": secure_ms / plain_ms,
             "tokens_match": match,
             "precompute": not args.no_precompute,
+            "kernel": args.kernel,
             "precomputed_per_token": per_tok["precomputed"],
         }
     )
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "mb_per_token_total": (per_tok["bytes_sent"] + per_tok["bytes_received"]) / 1e6,
         }
     )
-    compute = server_compute_ms(StageEngine(ee))
+    compute = server_compute_ms(StageEngine(ee, kernel=args.kernel))
     wait_ms = 1000.0 * per_tok["wait_seconds"]
     parts = {
         "server compute (one server)": min(compute, wait_ms),

@@ -337,7 +337,7 @@ def bench_vision(name: str, args, wd: Path) -> list[dict]:
 
 
 def server_args(args) -> list[str]:
-    extra = ["--device", args.device]
+    extra = ["--device", args.device, "--kernel", args.kernel]
     if args.server_threads:
         extra += ["--threads", str(args.server_threads)]
     return extra
@@ -365,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
     p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
+    p.add_argument(
+        "--kernel",
+        choices=["auto", "native", "float64"],
+        default="auto",
+        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
+    )
     args = p.parse_args(argv)
     quiet()
     wd = workdir(args.workdir)

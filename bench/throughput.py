@@ -69,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         help="servers' batching window (`hss-ee serve --batch-window-ms`)",
     )
     p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
+    p.add_argument(
+        "--kernel",
+        choices=["auto", "native", "float64"],
+        default="auto",
+        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
+    )
     args = p.parse_args(argv)
     quiet()
     _, ee, key, _ = prepare(args.model, workdir(args.workdir))
     base = None
-    server_args = ["--batch-window-ms", str(args.batch_window_ms)]
+    server_args = ["--batch-window-ms", str(args.batch_window_ms), "--kernel", args.kernel]
     if args.server_threads:
         server_args += ["--threads", str(args.server_threads)]
     with local_servers(ee, extra_args=server_args) as endpoints:
