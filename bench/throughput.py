@@ -25,12 +25,16 @@ from common import MODELS, emit, prepare, quiet, workdir  # noqa: E402
 from hss_ee_hf.demo import local_servers  # noqa: E402
 
 
-def _session(ee: str, key: str, endpoints: tuple[str, str], tokens: int, start_at, results) -> None:
+def _session(
+    ee: str, key: str, endpoints: tuple[str, str], tokens: int, threads: int | None, start_at, results
+) -> None:
     import torch
 
     from hss_ee_hf.modeling import HSSEEForCausalLM
 
     quiet()
+    if threads:
+        torch.set_num_threads(threads)
     with HSSEEForCausalLM.from_pretrained(ee, key=key, endpoints=endpoints) as model:
         ids = torch.arange(5, 21).unsqueeze(0)
         kw = dict(do_sample=False, pad_token_id=0)
@@ -41,11 +45,11 @@ def _session(ee: str, key: str, endpoints: tuple[str, str], tokens: int, start_a
         results.put(time.perf_counter() - t0)
 
 
-def run(ee: Path, key: Path, endpoints, sessions: int, tokens: int) -> float:
+def run(ee: Path, key: Path, endpoints, sessions: int, tokens: int, threads: int | None = None) -> float:
     ctx = mp.get_context("spawn")
     start_at, results = ctx.Barrier(sessions), ctx.Queue()
     procs = [
-        ctx.Process(target=_session, args=(str(ee), str(key), endpoints, tokens, start_at, results))
+        ctx.Process(target=_session, args=(str(ee), str(key), endpoints, tokens, threads, start_at, results))
         for _ in range(sessions)
     ]
     for p in procs:
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         help="servers' batching window (`hss-ee serve --batch-window-ms`)",
     )
     p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
+    p.add_argument("--client-threads", type=int, help="torch threads per client session (default: torch's choice)")
     p.add_argument(
         "--kernel",
         choices=["auto", "native", "float64"],
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         server_args += ["--threads", str(args.server_threads)]
     with local_servers(ee, extra_args=server_args) as endpoints:
         for n in args.sessions:
-            tps = run(ee, key, endpoints, n, args.tokens)
+            tps = run(ee, key, endpoints, n, args.tokens, args.client_threads)
             base = base or tps
             emit(
                 {
