@@ -99,7 +99,13 @@ class ServeCommand(Command):
             default=None,
             help="most rows (tokens) one request may carry (default: 8192, or fewer if the widest stage needs it)",
         )
-        p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=32,
+            help="gRPC worker threads (default 32). Each client session's open stage stream holds one; a quarter "
+            "(at least two) stay free for unary calls",
+        )
         p.add_argument(
             "--threads",
             type=int,

@@ -1,7 +1,9 @@
 """The network transport: two `hss-ee serve` processes reached over gRPC (DESIGN.md §7).
 
 [`GrpcTransport`] keeps one channel per server and sends each stage to both at once: party A gets the
-32-byte seed of its share, party B its share bytes. Every call has a deadline; a server that answers
+32-byte seed of its share, party B its share bytes. Stage calls travel on long-lived bidirectional streams
+([`hss_ee_hf.grpc_streams`]) and fall back to unary calls for a server that has no streams to spare or
+predates them. Every call has a deadline; a server that answers
 `UNAVAILABLE` (restarting, briefly unreachable) is retried with exponential backoff, which is safe because
 stage calls are stateless and idempotent. TLS, mutual TLS and bearer tokens come from an
 [`HSSEEClientConfig`]. Every gRPC failure that remains becomes a [`TransportError`] that names the server
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -22,6 +25,7 @@ import torch
 from .checkpoint import short
 from .engine import PROTOCOL_VERSION
 from .errors import TransportError
+from .grpc_streams import STREAM_LIMIT_DETAILS, StreamPool, _Watchdog
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
 from .security import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
 from .sharing import Shares
@@ -36,6 +40,15 @@ RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 # gRPC's own reconnect backoff starts at 1 s; a retry sooner than that would fail at once on a channel that
 # is still waiting to reconnect, so the channel's schedule follows the retry schedule (never below this).
 _MIN_RECONNECT_BACKOFF_MS = 20
+# After a server refused a new stream for lack of threads, its stage calls go unary for this long.
+_STREAM_RETRY_SECONDS = 10.0
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    """The status of a failed call (unary or streamed), `None` when gRPC gave none."""
+    code = getattr(err, "code", None)
+    return code() if callable(code) else None
+
 
 _ADVICE = {
     "INVALID_ARGUMENT": "the server refused the request as malformed; run the same hss-ee-hf version on client and "
@@ -86,8 +99,8 @@ def _unavailable_advice(endpoint: str, config: HSSEEClientConfig, details: str) 
 
 def _rpc_error(endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, attempts: int = 1) -> TransportError:
     """Turns a failed call into a `TransportError` naming `endpoint`, the status and what to do."""
-    code = err.code() if isinstance(err, grpc.Call) else None
-    details = err.details() if isinstance(err, grpc.Call) else None
+    code = _code(err)
+    details = err.details() if callable(getattr(err, "details", None)) else None
     name = code.name if code is not None else "UNKNOWN"
     if name == "UNAVAILABLE":
         advice = _unavailable_advice(endpoint, config, details or "")
@@ -145,6 +158,7 @@ class GrpcTransport(Transport):
         self.timeout = timeout
         self.config = config
         self.retried = 0  # retry attempts made so far (observability; tests read it)
+        self.streamed = 0  # stage calls answered on a stream (the rest were unary)
         config.check_endpoints(self.endpoints)
         credentials = config.channel_credentials()
         initial_ms = max(_MIN_RECONNECT_BACKOFF_MS, int(config.initial_backoff * 1000))
@@ -161,6 +175,10 @@ class GrpcTransport(Transport):
             self._channels = tuple(grpc.secure_channel(e, credentials, options=options) for e in self.endpoints)
         self._stubs = tuple(hss_ee_pb2_grpc.ShareServerStub(channel) for channel in self._channels)
         self._metadata = config.call_metadata()
+        self._watchdog = _Watchdog()
+        self._streams = tuple(StreamPool(stub.StageStream, self._metadata, self._watchdog) for stub in self._stubs)
+        # Per party: monotonic time before which stage calls are unary (inf: the server has no streams).
+        self._unary_until = [0.0 if config.stream else float("inf")] * 2
         self._lock = threading.Lock()
         # Two calls per stage; spare workers for a call left running after the other party failed.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hss-ee-grpc")
@@ -178,16 +196,27 @@ class GrpcTransport(Transport):
     def _call_party(self, party: int, method: str, request, abandon: threading.Event):
         """One party's call, retried with backoff while the server answers `UNAVAILABLE`.
 
-        Blocking calls on a pool thread: unlike `future()`, they start no gRPC polling thread per call.
+        Stage calls go on a pooled stream unless this server cannot take one; other methods are unary. Blocking
+        calls on a pool thread: unlike `future()`, they start no gRPC polling thread per call.
         """
         endpoint = self.endpoints[party]
-        call = getattr(self._stubs[party], method)
         attempt = 0
         while True:
+            streamed = method == "Stage" and time.monotonic() >= self._unary_until[party]
             try:
-                return call(request, timeout=self.timeout, metadata=self._metadata)
+                if streamed:
+                    reply = self._streams[party].call(request, self.timeout)
+                    with self._lock:
+                        self.streamed += 1
+                    return reply
+                return getattr(self._stubs[party], method)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                code = err.code() if isinstance(err, grpc.Call) else None
+                code = _code(err)
+                if streamed and getattr(err, "expired", False):
+                    late = f"DEADLINE_EXCEEDED: no reply within {self.timeout:g} s"
+                    raise TransportError(endpoint, f"{late}; {_ADVICE['DEADLINE_EXCEEDED']}") from err
+                if streamed and self._stream_refused(party, code, err):
+                    continue  # the same call, unary, at once: nothing was computed
                 if code in RETRYABLE_CODES and attempt < self.config.retries and not abandon.is_set():
                     delay = self._backoff(attempt)
                     attempt += 1
@@ -206,6 +235,17 @@ class GrpcTransport(Transport):
                         raise _rpc_error(endpoint, err, self.config, attempts=attempt) from err
                     continue
                 raise _rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
+
+    def _stream_refused(self, party: int, code: grpc.StatusCode | None, err: grpc.RpcError) -> bool:
+        """Whether a stream failed only because the server cannot open one; if so, go unary for a while."""
+        if code == grpc.StatusCode.UNIMPLEMENTED:  # a server from before streams
+            self._unary_until[party] = float("inf")
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and STREAM_LIMIT_DETAILS in (err.details() or ""):
+            self._unary_until[party] = time.monotonic() + _STREAM_RETRY_SECONDS
+        else:
+            return False
+        logger.info("%s cannot open a stage stream (%s); using unary calls", self.endpoints[party], code.name)
+        return True
 
     def _call_both(self, method: str, requests: Sequence) -> list:
         """Sends one request per party at once and waits for both (each retried while `UNAVAILABLE`).
@@ -325,5 +365,8 @@ class GrpcTransport(Transport):
     def close(self) -> None:
         """Closes both channels (calls in flight are cancelled) and the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._streams:
+            pool.close()
+        self._watchdog.close()
         for channel in self._channels:
             channel.close()

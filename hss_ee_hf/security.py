@@ -125,6 +125,9 @@ class HSSEEClientConfig:
         max_backoff (`float`, *optional*, defaults to 5.0): cap of the wait between retries.
         backoff_multiplier (`float`, *optional*, defaults to 2.0): growth of the wait per retry.
         max_message_bytes (`int`, *optional*): channel send/receive limit (defaults to gRPC's largest).
+        stream (`bool`, *optional*, defaults to `True`): send stage calls on long-lived bidirectional streams
+            (one message each way per call) instead of one unary call each; a server without streams to spare
+            is reached with unary calls either way.
 
     Example:
 
@@ -149,6 +152,7 @@ class HSSEEClientConfig:
     max_backoff: float = DEFAULT_MAX_BACKOFF
     backoff_multiplier: float = DEFAULT_BACKOFF_MULTIPLIER
     max_message_bytes: int | None = None
+    stream: bool = True
     _token_value: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -270,7 +274,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             handler_call_details.invocation_metadata
         ):
             return continuation(handler_call_details)
-        return _REFUSED
+        return _REFUSED_STREAM if handler_call_details.method.endswith("Stream") else _REFUSED
 
 
 def _refuse(request: Any, context: grpc.ServicerContext) -> None:
@@ -280,8 +284,13 @@ def _refuse(request: Any, context: grpc.ServicerContext) -> None:
     )
 
 
+def _refuse_stream(requests: Any, context: grpc.ServicerContext) -> None:
+    _refuse(None, context)
+
+
 # The request is never parsed for a refused call: identity deserializer.
 _REFUSED = grpc.unary_unary_rpc_method_handler(_refuse)
+_REFUSED_STREAM = grpc.stream_stream_rpc_method_handler(_refuse_stream)
 
 
 @dataclass(repr=False)

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .checkpoint import short
 from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
 from .errors import HSSEEError, StageRequestError
+from .grpc_streams import STREAM_LIMIT_DETAILS
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
 from .security import HSSEEServerSecurity
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = hss_ee_pb2.DESCRIPTOR.services_by_name["ShareServer"].full_name
 DEFAULT_PORT = 50051
-DEFAULT_MAX_WORKERS = 8
+DEFAULT_MAX_WORKERS = 32
 DEFAULT_GRACE_SECONDS = 5.0
 # gRPC and protobuf cannot carry a message of 2 GiB or more.
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
@@ -123,8 +124,11 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
     ```
     """
 
-    def __init__(self, engine: StageEngine):
+    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_WORKERS * 3 // 4):
         self.engine = engine
+        # An open stream holds a worker thread for its lifetime; the rest stay free for unary calls.
+        self.max_streams = max_streams
+        self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
 
     def Stage(self, request: hss_ee_pb2.StageRequest, context: grpc.ServicerContext) -> hss_ee_pb2.StageReply:
         """Validates one request and returns this server's output share (or aborts with the matching status)."""
@@ -156,6 +160,22 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_DETAILS)
         return hss_ee_pb2.StageReply(share=out)
 
+    def StageStream(
+        self, requests: Iterator[hss_ee_pb2.StageRequest], context: grpc.ServicerContext
+    ) -> Iterator[hss_ee_pb2.StageReply]:
+        """Answers stage requests on one stream, in order; a refused request ends the stream with its status."""
+        if self._stream_slots is None or not self._stream_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{STREAM_LIMIT_DETAILS}: all {self.max_streams} are open; the client falls back to unary calls "
+                "(start the server with more `--workers` to serve more streaming sessions)",
+            )
+        try:
+            for request in requests:
+                yield self.Stage(request, context)
+        finally:
+            self._stream_slots.release()
+
     def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
         """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
         if isinstance(request, _Undecodable):
@@ -178,17 +198,20 @@ def _share_server_handler(servicer: ShareServicer) -> grpc.GenericRpcHandler:
         "Stage": (servicer.Stage, hss_ee_pb2.StageRequest, hss_ee_pb2.StageReply),
         "Describe": (servicer.Describe, hss_ee_pb2.DescribeRequest, hss_ee_pb2.DescribeReply),
     }
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            name: grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=_lenient_parser(request_type),
-                response_serializer=reply_type.SerializeToString,
-            )
-            for name, (behaviour, request_type, reply_type) in methods.items()
-        },
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=_lenient_parser(request_type),
+            response_serializer=reply_type.SerializeToString,
+        )
+        for name, (behaviour, request_type, reply_type) in methods.items()
+    }
+    handlers["StageStream"] = grpc.stream_stream_rpc_method_handler(
+        servicer.StageStream,
+        request_deserializer=_lenient_parser(hss_ee_pb2.StageRequest),
+        response_serializer=hss_ee_pb2.StageReply.SerializeToString,
     )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 def _address(host: str, port: int) -> str:
@@ -220,7 +243,9 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
     )
-    server.add_generic_rpc_handlers((_share_server_handler(ShareServicer(engine)),))
+    # A quarter of the workers (at least two) always stay free for unary calls and health checks.
+    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)))
+    server.add_generic_rpc_handlers((_share_server_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = _address(host, port)
@@ -272,7 +297,9 @@ def start_server(
         engine (`StageEngine`): the loaded EE checkpoint.
         host (`str`, *optional*, defaults to `"127.0.0.1"`): interface to listen on (`"0.0.0.0"` for all).
         port (`int`, *optional*, defaults to 50051): TCP port; `0` picks a free one.
-        max_workers (`int`, *optional*, defaults to 8): threads answering requests concurrently.
+        max_workers (`int`, *optional*, defaults to 32): threads answering requests concurrently. An open stage
+            stream holds one for its lifetime (a client session holds one or two per server); a quarter of them,
+            at least two, are kept for unary calls.
         security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens; plaintext without.
         interceptors (`Sequence[grpc.ServerInterceptor]`, *optional*): extra interceptors (metrics, tests),
             run after the token check.
@@ -322,7 +349,9 @@ def serve(
         device (`str`, *optional*, defaults to `"cpu"`): where the stage weights live (`"cuda"`, `"auto"`, ...).
         max_rows (`int`, *optional*): the most rows one request may carry. By default 8192, lowered when the
             widest stage (often `lm_head`) would not fit in one gRPC message; clients read it with `Describe`.
-        max_workers (`int`, *optional*, defaults to 8): threads answering requests concurrently.
+        max_workers (`int`, *optional*, defaults to 32): threads answering requests concurrently. An open stage
+            stream holds one for its lifetime (a client session holds one or two per server); a quarter of them,
+            at least two, are kept for unary calls.
         ready_callback (`Callable[[int], None]`, *optional*): called with the bound port once the server accepts
             requests.
         grace (`float`, *optional*, defaults to 5.0): seconds requests in flight get to finish on shutdown.

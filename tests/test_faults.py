@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.errors import TransportError
+from hss_ee_hf.errors import StageRequestError, TransportError
 from hss_ee_hf.grpc_transport import GrpcTransport
 from hss_ee_hf.modeling import HSSEEForCausalLM
 from hss_ee_hf.security import HSSEEClientConfig
@@ -209,38 +209,67 @@ def test_every_call_has_a_deadline(tiny_llama):
     assert elapsed < 1.2  # a deadline is not retried: the server may still be working on the call
 
 
-class _FlakyInterceptor(grpc.ServerInterceptor):
-    """Answers `UNAVAILABLE` to a random `rate` of stage calls, before they reach the servicer."""
+class _Flaky:
+    """Decides, for a random `rate` of stage calls, to answer `UNAVAILABLE` before computing."""
 
     def __init__(self, rate: float, seed: int):
         self.rate, self.rng, self.lock = rate, random.Random(seed), threading.Lock()
         self.calls = self.injected = 0
+
+    def fail(self) -> bool:
+        with self.lock:
+            self.calls += 1
+            fail = self.rng.random() < self.rate
+            self.injected += fail
+        return fail
+
+
+class _FlakyInterceptor(grpc.ServerInterceptor):
+    """Unary calls: refuses the chosen `Stage` calls before they reach the servicer."""
+
+    def __init__(self, flaky: _Flaky):
+        self.flaky = flaky
         self.handler = grpc.unary_unary_rpc_method_handler(
             lambda request, context: context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
         )
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.endswith("/Stage"):
-            with self.lock:
-                self.calls += 1
-                fail = self.rng.random() < self.rate
-                self.injected += fail
-            if fail:
-                return self.handler
+        if handler_call_details.method.endswith("/Stage") and self.flaky.fail():
+            return self.handler
         return continuation(handler_call_details)
 
 
-def test_five_percent_unavailable_replies(tiny_llama):
+class _FlakyEngine:
+    """Streamed calls: refuses the chosen requests inside an open stream, which ends it with `UNAVAILABLE`."""
+
+    def __init__(self, engine: StageEngine, flaky: _Flaky):
+        self._engine, self.flaky = engine, flaky
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def compute(self, *args, **kwargs) -> bytes:
+        if self.flaky.fail():
+            raise StageRequestError("injected fault", code="UNAVAILABLE")
+        return self._engine.compute(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_five_percent_unavailable_replies(tiny_llama, stream: bool):
     """Many short generations against servers that drop 5 % of stage calls: all complete, none is wrong."""
     rng = random.Random(5)
     prompts = [[1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(2, 6))] for _ in range(40)]
     with _model(tiny_llama, InProcessTransport(tiny_llama[2])) as model:
         expected = {tuple(p): _generate(model, p, new_tokens=2) for p in prompts}
 
-    flaky = _FlakyInterceptor(FLAKY_RATE, seed=5)
-    servers = _Servers((tiny_llama[2], tiny_llama[2]), interceptors=(flaky,))
+    flaky = _Flaky(FLAKY_RATE, seed=5)
+    if stream:
+        engine = _FlakyEngine(tiny_llama[2], flaky)
+        servers = _Servers((engine, engine))
+    else:
+        servers = _Servers((tiny_llama[2], tiny_llama[2]), interceptors=(_FlakyInterceptor(flaky),))
     outcomes: Counter[str] = Counter()
-    config = HSSEEClientConfig(timeout=5.0, retries=4, initial_backoff=0.001, max_backoff=0.01)
+    config = HSSEEClientConfig(timeout=5.0, retries=4, initial_backoff=0.001, max_backoff=0.01, stream=stream)
     try:
         transport = GrpcTransport(servers.endpoints, config=config)
         with _model(tiny_llama, transport) as model:
@@ -259,5 +288,6 @@ def test_five_percent_unavailable_replies(tiny_llama):
         f"({flaky.injected / flaky.calls:.1%}), {transport.retried} retries; generations {dict(outcomes)}"
     )
     assert 0.03 < flaky.injected / flaky.calls < 0.07
+    assert (transport.streamed > 0) == stream  # the faults hit the kind of call under test
     assert outcomes["wrong"] == 0
     assert outcomes["completed"] >= 0.999 * FLAKY_GENERATIONS

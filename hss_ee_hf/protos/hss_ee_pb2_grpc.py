@@ -40,6 +40,11 @@ class ShareServerStub:
                 request_serializer=hss__ee__pb2.StageRequest.SerializeToString,
                 response_deserializer=hss__ee__pb2.StageReply.FromString,
                 _registered_method=True)
+        self.StageStream = channel.stream_stream(
+                '/hss_ee.v1.ShareServer/StageStream',
+                request_serializer=hss__ee__pb2.StageRequest.SerializeToString,
+                response_deserializer=hss__ee__pb2.StageReply.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/hss_ee.v1.ShareServer/Describe',
                 request_serializer=hss__ee__pb2.DescribeRequest.SerializeToString,
@@ -58,6 +63,14 @@ class ShareServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageStream(self, request_iterator, context):
+        """The same calls on one long-lived stream: each request gets its reply, in order. A refused request ends
+        the stream with the status `Stage` would have returned; the client opens a new stream for its next call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Describe(self, request, context):
         """What this server serves: checkpoint fingerprint, protocol version, stages and limits.
         """
@@ -70,6 +83,11 @@ def add_ShareServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stage': grpc.unary_unary_rpc_method_handler(
                     servicer.Stage,
+                    request_deserializer=hss__ee__pb2.StageRequest.FromString,
+                    response_serializer=hss__ee__pb2.StageReply.SerializeToString,
+            ),
+            'StageStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.StageStream,
                     request_deserializer=hss__ee__pb2.StageRequest.FromString,
                     response_serializer=hss__ee__pb2.StageReply.SerializeToString,
             ),
@@ -105,6 +123,33 @@ class ShareServer:
             request,
             target,
             '/hss_ee.v1.ShareServer/Stage',
+            hss__ee__pb2.StageRequest.SerializeToString,
+            hss__ee__pb2.StageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hss_ee.v1.ShareServer/StageStream',
             hss__ee__pb2.StageRequest.SerializeToString,
             hss__ee__pb2.StageReply.FromString,
             options,
