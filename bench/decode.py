@@ -26,6 +26,7 @@ from common import MODELS, emit, prepare, quiet, save_plot, timed, workdir  # no
 from hss_ee_hf.demo import local_servers  # noqa: E402
 from hss_ee_hf.engine import StageEngine  # noqa: E402
 from hss_ee_hf.modeling import HSSEEForCausalLM  # noqa: E402
+from hss_ee_hf.security import HSSEEClientConfig  # noqa: E402
 from hss_ee_hf.sharing import share  # noqa: E402
 
 
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
     )
     p.add_argument(
+        "--client-threads",
+        type=int,
+        help="torch threads of the secure client (set after the plaintext run, which keeps torch's default); 1 "
+        "keeps an idle client's thread pool from spinning on cores the servers need when all share one machine",
+    )
+    p.add_argument("--no-stream", action="store_true", help="unary gRPC calls instead of long-lived streams")
+    p.add_argument(
         "--no-precompute",
         action="store_true",
         help="send every stage to both servers at once instead of preparing party A's products ahead of time",
@@ -102,12 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     prefill_plain = {n: prefill_ms(plain, prompt_ids(None, vocab, n)) for n in args.prefill}
     layers = plain.config.num_hidden_layers
     del plain
+    if args.client_threads:
+        torch.set_num_threads(args.client_threads)
     server_args = ["--device", args.device, "--kernel", args.kernel]
     if args.server_threads:
         server_args += ["--threads", str(args.server_threads)]
     with local_servers(ee, extra_args=server_args) as endpoints:
         with HSSEEForCausalLM.from_pretrained(
-            ee, key=key, endpoints=endpoints, precompute=not args.no_precompute
+            ee,
+            key=key,
+            endpoints=endpoints,
+            precompute=not args.no_precompute,
+            client_config=HSSEEClientConfig(stream=not args.no_stream),
         ) as model:
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
             model.hss_ee_stats.reset()
@@ -140,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_match": match,
             "precompute": not args.no_precompute,
             "kernel": args.kernel,
+            "stream": not args.no_stream,
+            "client_threads": args.client_threads,
+            "server_threads": args.server_threads,
             "precomputed_per_token": per_tok["precomputed"],
         }
     )

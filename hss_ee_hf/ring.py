@@ -138,14 +138,17 @@ def decode_output(y_int: torch.Tensor, scale: torch.Tensor, in_features: int, co
             corrupted or does not belong to this request.
     """
     limit = config.output_limit(in_features)
-    if y_int.numel() and y_int.abs().max().item() > limit:  # abs(INT64_MIN) stays negative: check both ends
-        raise RingOverflowError(
-            f"reconstructed value outside the overflow budget (|y| <= {limit}); a share is corrupted "
-            "or the two servers answered different requests"
-        )
-    if y_int.numel() and y_int.min().item() < -limit:
-        raise RingOverflowError(f"reconstructed value below the overflow budget (-{limit}); a share is corrupted")
-    return y_int.to(torch.float64) * scale.to(torch.float64) / (1 << config.frac_bits)
+    if y_int.numel():
+        low, high = (v.item() for v in torch.aminmax(y_int))  # one pass; no abs(), which INT64_MIN defeats
+        if high > limit:
+            raise RingOverflowError(
+                f"reconstructed value outside the overflow budget (|y| <= {limit}); a share is corrupted "
+                "or the two servers answered different requests"
+            )
+        if low < -limit:
+            raise RingOverflowError(f"reconstructed value below the overflow budget (-{limit}); a share is corrupted")
+    # scaling the (out,) scales by 2^-f is exact, so this equals (y * s) * 2^-f with one pass over y fewer
+    return y_int.to(torch.float64) * (scale.to(torch.float64) / (1 << config.frac_bits))
 
 
 def quantize_weight(weight: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, torch.Tensor]:
