@@ -87,6 +87,10 @@ class StageBatcher:
     independent, so the result is exactly what separate products give; decode is memory-bound, so
     one product over many rows costs about as much as one over a single row.
 
+    A request that finds no other request in the server computes at once: one session alone never
+    waits for company that cannot come (measured on SmolLM2, a 2 ms window otherwise cut a lone
+    session from 2.3 to 1.45 tokens/s).
+
     Args:
         window (`float`): seconds the first request of a batch waits for company.
         max_rows (`int`): a batch never grows beyond this many rows.
@@ -96,9 +100,28 @@ class StageBatcher:
         self.window, self.max_rows = window, max_rows
         self._lock = threading.Lock()
         self._open: dict[str, list[_Job]] = {}
+        self._active = 0  # requests inside run(), for any stage
+        self.lone = 0  # requests computed at once because nothing else was in flight (tests read it)
 
     def run(self, stage: str, weight: RingWeight, x: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self._active += 1
+        try:
+            return self._run(stage, weight, x)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _run(self, stage: str, weight: RingWeight, x: torch.Tensor) -> torch.Tensor:
         job = _Job(x)
+        with self._lock:
+            if self._active == 1:
+                self.lone += 1
+                lone = True
+            else:
+                lone = False
+        if lone:
+            return weight.matmul(x)
         with self._lock:
             batch = self._open.get(stage)
             if batch is not None and sum(j.x.shape[0] for j in batch) + x.shape[0] <= self.max_rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -79,3 +80,16 @@ def test_batch_respects_max_rows_and_propagates_errors():
     for t in threads:
         t.join(timeout=10)
     assert len(errors) == 3, "a waiter hung or missed the failure"
+
+
+def test_a_lone_request_does_not_wait_for_company():
+    rng = ChaChaStream(b"\x09" * 32)
+    w_int = torch.remainder(rng.int64((8, 16)), 2**10)
+    weight = CountingWeight(w_int)
+    batcher = StageBatcher(window=0.5, max_rows=64)
+    x = rng.int64((2, 16))
+    start = time.monotonic()
+    for _ in range(3):  # one session alone: each request finds the server idle
+        assert torch.equal(batcher.run("layers.0.o", weight, x), ring_matmul_reference(x, w_int))
+    assert time.monotonic() - start < 0.5, "a lone request waited for the batching window"
+    assert batcher.lone == 3 and weight.calls == [2, 2, 2]
