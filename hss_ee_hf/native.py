@@ -76,10 +76,21 @@ def _build() -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
-    target = _cache_dir() / f"ring_kernel-{digest.hexdigest()[:16]}.so"
+    name = f"ring_kernel-{digest.hexdigest()[:16]}.so"
+    target = _cache_dir() / name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only home: build beside other per-user temporary files instead
+        folder = Path(tempfile.gettempdir()) / f"hss_ee_hf-kernels-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:  # someone else's folder: never load code from it
+            raise NativeKernelError(f"{folder} is not a private folder of this user; set HSS_EE_KERNEL_CACHE") from err
+        target = folder / name
+        if target.exists():
+            return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
