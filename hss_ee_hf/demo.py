@@ -130,10 +130,19 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
             log.close()
 
 
-def _timed_generate(model, inputs, max_new_tokens: int, pad_token_id: int) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
-    seconds = time.perf_counter() - start
+def _timed_generate(
+    model, inputs, max_new_tokens: int, pad_token_id: int, threads: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Greedy generation and its ms per new token, at `threads` torch threads when given (restored after)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
     new = out.shape[1] - inputs["input_ids"].shape[1]
     return out, 1000.0 * seconds / max(new, 1)
 
@@ -155,7 +164,9 @@ def run_demo(max_new_tokens: int = 32, cache_dir: str | None = None, reconvert: 
     plain = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     print("Starting two share servers on loopback ...", flush=True)
     all_match = True
-    with local_servers(checkpoint) as endpoints:
+    # Client and servers share this machine's cores: one torch thread each keeps idle thread pools from spinning
+    # on cores another party needs. The plaintext model keeps torch's default, its fastest setting.
+    with local_servers(checkpoint, extra_args=["--threads", "1"]) as endpoints:
         print(f"  servers A={endpoints[0]} B={endpoints[1]}", flush=True)
         with HSSEEForCausalLM.from_pretrained(checkpoint, key=key, endpoints=endpoints) as model:
             for prompt in PROMPTS:
@@ -165,7 +176,7 @@ def run_demo(max_new_tokens: int = 32, cache_dir: str | None = None, reconvert: 
                 )
                 ref, plain_ms = _timed_generate(plain, inputs, max_new_tokens, pad)
                 model.hss_ee_stats.reset()
-                out, secure_ms = _timed_generate(model, inputs, max_new_tokens, pad)
+                out, secure_ms = _timed_generate(model, inputs, max_new_tokens, pad, threads=1)
                 match = torch.equal(out, ref)
                 all_match &= match
                 text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
