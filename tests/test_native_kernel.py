@@ -16,10 +16,14 @@ import pytest
 import torch
 
 from hss_ee_hf import native
+from hss_ee_hf.cli import main as cli_main
 from hss_ee_hf.csprng import ChaChaStream
+from hss_ee_hf.demo import local_servers
 from hss_ee_hf.engine import StageEngine
 from hss_ee_hf.errors import InvalidConfigError, NativeKernelError
+from hss_ee_hf.grpc_transport import GrpcTransport
 from hss_ee_hf.ring import RingWeight, ring_matmul_reference
+from hss_ee_hf.sharing import share
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler to build the native kernel"
@@ -165,3 +169,22 @@ def test_engines_with_either_kernel_return_the_same_bytes(tiny_ee_checkpoint):
         share = rng.bytes(3 * in_features * 8)
         fp = native_engine.fingerprint
         assert native_engine.compute(fp, stage, 3, share=share) == float_engine.compute(fp, stage, 3, share=share)
+
+
+@pytest.mark.parametrize("kernel", ["native", "float64"])
+def test_hss_ee_serve_takes_the_kernel_flag(tiny_ee_checkpoint, kernel):
+    """`hss-ee serve --kernel` as a real process: the served products are the engine's, whichever kernel."""
+    engine = StageEngine(tiny_ee_checkpoint, kernel="float64")
+    in_features, out_features = engine.describe()["layers.0.qkv"]
+    x = extreme_problem(3, in_features, 1, seed=4)[0]
+    with local_servers(tiny_ee_checkpoint, extra_args=["--kernel", kernel, "--threads", "1"]) as endpoints:
+        with GrpcTransport(endpoints) as transport:
+            y_a, y_b = transport.run_stage(engine.fingerprint, "layers.0.qkv", share(x), out_features)
+    expected = engine.compute(engine.fingerprint, "layers.0.qkv", 3, share=x.numpy().tobytes())
+    assert (y_a + y_b).numpy().tobytes() == expected
+
+
+def test_hss_ee_serve_refuses_an_unknown_kernel(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["serve", "ckpt", "--kernel", "fast"])
+    assert info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
