@@ -130,12 +130,16 @@ class StreamPool:
         """
         with self._lock:
             stream = self._idle.pop() if self._idle else None
+        reused = stream is not None
         if stream is None:
             stream = StageStream(self._method, self._metadata)
         try:
             reply = stream.exchange(request, timeout, self._watchdog)
         except grpc.RpcError as err:
             stream.close()
+            if reused and not stream.expired and err.code() == grpc.StatusCode.UNAVAILABLE:
+                # a stream opened before the server restarted: try a fresh one at once, not after a backoff
+                return self.call(request, timeout)
             err.expired = stream.expired
             raise
         except StopIteration:  # the server ended the stream without a status: treat it as gone

@@ -149,3 +149,23 @@ def test_servers_without_streams_are_reached_with_unary_calls(engine):
     finally:
         old.stop(None)
         current.stop(None)
+
+
+def test_a_stream_left_from_before_a_restart_is_replaced_at_once(engine):
+    servers = _servers(engine)
+    ports = [port for _, port in servers]
+    endpoints = tuple(f"127.0.0.1:{port}" for port in ports)
+    config = HSSEEClientConfig(initial_backoff=2.0, max_backoff=2.0)  # a backoff would show in the time
+    try:
+        with GrpcTransport(endpoints, config=config) as transport:
+            _run(transport, engine, 1, 0)  # both pools now hold an open stream
+            servers[1][0].stop(None).wait()
+            servers[1] = start_server(engine, "127.0.0.1", ports[1])
+            start = time.monotonic()
+            y, x = _run(transport, engine, 1, 3)
+            elapsed = time.monotonic() - start
+            assert torch.equal(y, _reference(engine, x))
+            assert transport.retried == 0 and elapsed < 1.5, (transport.retried, elapsed)
+    finally:
+        for server, _ in servers:
+            server.stop(None)
