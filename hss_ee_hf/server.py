@@ -1,12 +1,10 @@
 """The share server: a [`StageEngine`] behind gRPC (DESIGN.md §7).
 
-One process is one party (A or B). It answers `ShareServer.Stage` with its output share and
-`ShareServer.Describe` with what it serves, exposes the standard gRPC health service, and keeps no
-state between requests. Every request is validated before any compute: a body that is not a valid
-protobuf is refused here, everything else by the engine; a refused request gets the matching gRPC
-status and the server keeps serving. TLS, mutual TLS and bearer tokens come from an
-[`HSSEEServerSecurity`]. Payloads (shares and seeds) are never logged and never echoed in a status
-message.
+One process is one party (A or B). It serves the `ShareServer` service of [`hss_ee_hf.servicer`]
+(`Stage`, `StageStream`, `Describe`), exposes the standard gRPC health service, and keeps no state
+between requests. This module binds it to a port with message limits sized to the largest stage,
+TLS, mutual TLS and bearer tokens from an [`HSSEEServerSecurity`], and a graceful shutdown on
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,25 +13,21 @@ import logging
 import os
 import signal
 import threading
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .checkpoint import short
 from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
-from .errors import HSSEEError, StageRequestError
-from .grpc_streams import STREAM_LIMIT_DETAILS
-from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+from .errors import HSSEEError
 from .security import HSSEEServerSecurity
+from .servicer import SERVICE_NAME, ShareServicer, _share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = hss_ee_pb2.DESCRIPTOR.services_by_name["ShareServer"].full_name
 DEFAULT_PORT = 50051
 DEFAULT_MAX_WORKERS = 32
 DEFAULT_GRACE_SECONDS = 5.0
@@ -41,43 +35,10 @@ DEFAULT_GRACE_SECONDS = 5.0
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
 # Room for the non-payload fields of a message (fingerprint, stage name, rows, tags and lengths).
 MESSAGE_HEADROOM_BYTES = 1 << 16
-# Status details travel in HTTP/2 trailers; keep them short whatever a client sent.
-_MAX_DETAILS_CHARS = 1024
-_INTERNAL_DETAILS = "internal server error; the request was not computed. The server log names the cause"
-
-
-class _Undecodable:
-    """Stands in for a request body that is not a valid protobuf of the method's message type."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _lenient_parser(message_type: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
-    """A request deserializer that never raises, so a garbage body gets `INVALID_ARGUMENT`, not `INTERNAL`."""
-    name = message_type.DESCRIPTOR.full_name
-
-    def parse(data: bytes) -> Message | _Undecodable:
-        try:
-            return message_type.FromString(data)
-        except DecodeError:
-            return _Undecodable(
-                f"the request body ({len(data)} bytes) is not a valid {name} protobuf; "
-                "use an hss-ee-hf client of the server's version"
-            )
-
-    return parse
 
 
 class ShareServerError(HSSEEError, RuntimeError):
     """The share server cannot start: its port cannot be bound or its stages do not fit in a gRPC message."""
-
-
-def _status_code(code: str) -> grpc.StatusCode:
-    """Maps a `StageRequestError.code` to its gRPC status (unknown names count as `INVALID_ARGUMENT`)."""
-    return grpc.StatusCode.__members__.get(code, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def message_limit(engine: StageEngine) -> int:
@@ -108,110 +69,6 @@ def fit_max_rows(engine: StageEngine) -> None:
         if engine.batcher is not None:
             engine.batcher.max_rows = engine.max_rows
         logger.info("max_rows lowered to %d so the widest stage fits in one gRPC message", engine.max_rows)
-
-
-class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
-    """The `ShareServer` gRPC service over one [`StageEngine`]; stateless between requests.
-
-    Args:
-        engine (`StageEngine`): the loaded EE checkpoint this server computes with.
-
-    Example:
-
-    ```python
-    >>> # `start_server` registers it with a parser that turns an undecodable body into INVALID_ARGUMENT
-    >>> server, port = start_server(StageEngine("smollm2-ee", max_rows=4096), port=0)
-    ```
-    """
-
-    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_WORKERS * 3 // 4):
-        self.engine = engine
-        # An open stream holds a worker thread for its lifetime; the rest stay free for unary calls.
-        self.max_streams = max_streams
-        self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
-
-    def Stage(self, request: hss_ee_pb2.StageRequest, context: grpc.ServicerContext) -> hss_ee_pb2.StageReply:
-        """Validates one request and returns this server's output share (or aborts with the matching status)."""
-        if isinstance(request, _Undecodable):
-            logger.info("refused a stage request (INVALID_ARGUMENT): undecodable body")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        which = request.WhichOneof("input")
-        try:
-            out = self.engine.compute(
-                request.fingerprint,
-                request.stage,
-                request.rows,
-                share=request.share if which == "share" else None,
-                seed=request.seed if which == "seed" else None,
-                version=request.version,
-            )
-        except StageRequestError as err:
-            # The engine's messages name sizes, stages and fingerprints, never payload bytes.
-            details = str(err)[:_MAX_DETAILS_CHARS]
-            logger.info("refused a stage request (%s): %s", err.code, details)
-            context.abort(_status_code(err.code), details)
-        except Exception as err:  # any failure must become a status, never a dropped call
-            # Log where it failed but not the exception's message or source lines: they may hold request data.
-            where = " <- ".join(
-                f"{frame.filename}:{frame.lineno} in {frame.name}"
-                for frame in reversed(traceback.extract_tb(err.__traceback__))
-            )
-            logger.error("stage request failed with %s at %s", type(err).__name__, where)
-            context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_DETAILS)
-        return hss_ee_pb2.StageReply(share=out)
-
-    def StageStream(
-        self, requests: Iterator[hss_ee_pb2.StageRequest], context: grpc.ServicerContext
-    ) -> Iterator[hss_ee_pb2.StageReply]:
-        """Answers stage requests on one stream, in order; a refused request ends the stream with its status."""
-        if self._stream_slots is None or not self._stream_slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{STREAM_LIMIT_DETAILS}: all {self.max_streams} are open; the client falls back to unary calls "
-                "(start the server with more `--workers` to serve more streaming sessions)",
-            )
-        try:
-            for request in requests:
-                yield self.Stage(request, context)
-        finally:
-            self._stream_slots.release()
-
-    def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
-        """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
-        if isinstance(request, _Undecodable):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        stages = [
-            hss_ee_pb2.StageInfo(name=name, in_features=in_f, out_features=out_f)
-            for name, (in_f, out_f) in self.engine.describe().items()
-        ]
-        return hss_ee_pb2.DescribeReply(
-            fingerprint=self.engine.fingerprint,
-            protocol_version=PROTOCOL_VERSION,
-            stages=stages,
-            max_rows=self.engine.max_rows,
-        )
-
-
-def _share_server_handler(servicer: ShareServicer) -> grpc.GenericRpcHandler:
-    """The `ShareServer` service with lenient request parsing (the generated registration raises on garbage)."""
-    methods = {
-        "Stage": (servicer.Stage, hss_ee_pb2.StageRequest, hss_ee_pb2.StageReply),
-        "Describe": (servicer.Describe, hss_ee_pb2.DescribeRequest, hss_ee_pb2.DescribeReply),
-    }
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            behaviour,
-            request_deserializer=_lenient_parser(request_type),
-            response_serializer=reply_type.SerializeToString,
-        )
-        for name, (behaviour, request_type, reply_type) in methods.items()
-    }
-    handlers["StageStream"] = grpc.stream_stream_rpc_method_handler(
-        servicer.StageStream,
-        request_deserializer=_lenient_parser(hss_ee_pb2.StageRequest),
-        response_serializer=hss_ee_pb2.StageReply.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 def _address(host: str, port: int) -> str:

@@ -21,7 +21,8 @@ from hss_ee_hf.errors import TransportError
 from hss_ee_hf.grpc_transport import GrpcTransport
 from hss_ee_hf.protos import hss_ee_pb2
 from hss_ee_hf.security import HSSEEClientConfig
-from hss_ee_hf.server import SERVICE_NAME, ShareServicer, _lenient_parser, start_server
+from hss_ee_hf.server import start_server
+from hss_ee_hf.servicer import SERVICE_NAME, ShareServicer, _lenient_parser
 from hss_ee_hf.sharing import share
 
 STAGE = "layers.0.qkv"
