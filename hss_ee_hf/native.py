@@ -61,7 +61,7 @@ def _cpu_signature() -> str:
 def _cache_dir() -> Path:
     if os.environ.get("HSS_EE_KERNEL_CACHE"):
         return Path(os.environ["HSS_EE_KERNEL_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     return base / "hss_ee_hf" / "kernels"
 
 
@@ -77,12 +77,12 @@ def _build() -> Path:
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode())
     name = f"ring_kernel-{digest.hexdigest()[:16]}.so"
-    target = _cache_dir() / name
-    if target.exists():
-        return target
     try:
+        target = _cache_dir() / name
+        if target.exists():
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a read-only home: build beside other per-user temporary files instead
+    except (OSError, RuntimeError) as err:  # a read-only or unknown home: a private per-user temporary folder
         folder = Path(tempfile.gettempdir()) / f"hss_ee_hf-kernels-{os.getuid()}"
         folder.mkdir(mode=0o700, exist_ok=True)
         st = folder.stat()

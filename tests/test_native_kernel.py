@@ -188,3 +188,20 @@ def test_hss_ee_serve_refuses_an_unknown_kernel(capsys):
     with pytest.raises(SystemExit) as info:
         cli_main(["serve", "ckpt", "--kernel", "fast"])
     assert info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(fresh_kernel_state, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("HSS_EE_KERNEL_CACHE", str(blocker / "kernels"))  # mkdir under a file fails
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(temp))
+    kernel = native.load_native_kernel("native")
+    private = temp / f"hss_ee_hf-kernels-{native.os.getuid()}"
+    assert kernel.path.parent == private and private.stat().st_mode & 0o777 == 0o700
+
+    native._loaded.clear()
+    private.chmod(0o777)  # a folder others may write to: no code is loaded from it
+    with pytest.raises(NativeKernelError, match="not a private folder"):
+        native.load_native_kernel("native")
