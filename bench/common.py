@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from hss_ee_hf import convert
 from hss_ee_hf.demo import bundled_gguf, ensure_converted
+from hss_ee_hf.native import KERNEL_CHOICES
 
 # Random-init architectures given by config (weights are random: no download, no data).
 RANDOM_CONFIGS = {
@@ -73,6 +74,25 @@ def prepare(model_name: str, workdir: Path):
 
 def workdir(path: str | None) -> Path:
     return Path(path) if path else Path(tempfile.mkdtemp(prefix="hss-ee-bench-"))
+
+
+def add_server_args(parser) -> None:
+    """`--server-threads` and `--kernel`: how the benchmark's `hss-ee serve` processes compute."""
+    parser.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
+    parser.add_argument(
+        "--kernel",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
+    )
+
+
+def server_flags(args) -> list[str]:
+    """The `hss-ee serve` flags for what [`add_server_args`] parsed."""
+    flags = ["--kernel", args.kernel]
+    if args.server_threads:
+        flags += ["--threads", str(args.server_threads)]
+    return flags
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:

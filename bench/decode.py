@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, emit, prepare, quiet, save_plot, timed, workdir  # noqa: E402
+from common import MODELS, add_server_args, emit, prepare, quiet, save_plot, server_flags, timed, workdir  # noqa: E402
 
 from hss_ee_hf.demo import local_servers  # noqa: E402
 from hss_ee_hf.engine import StageEngine  # noqa: E402
@@ -81,13 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="folder for converted models (default: a temporary folder)")
     p.add_argument("--plot", default="bench/results/decode_breakdown.png", help="where to write the PNG plot")
     p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
-    p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
-    p.add_argument(
-        "--kernel",
-        choices=["auto", "native", "float64"],
-        default="auto",
-        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
-    )
+    add_server_args(p)
     p.add_argument(
         "--client-threads",
         type=int,
@@ -112,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     del plain
     if args.client_threads:
         torch.set_num_threads(args.client_threads)
-    server_args = ["--device", args.device, "--kernel", args.kernel]
-    if args.server_threads:
-        server_args += ["--threads", str(args.server_threads)]
+    server_args = ["--device", args.device, *server_flags(args)]
     with local_servers(ee, extra_args=server_args) as endpoints:
         with HSSEEForCausalLM.from_pretrained(
             ee,

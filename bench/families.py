@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit, quiet, timed, workdir  # noqa: E402
+from common import add_server_args, emit, quiet, server_flags, timed, workdir  # noqa: E402
 from transformers import (  # noqa: E402
     ResNetConfig,
     ResNetForImageClassification,
@@ -337,10 +337,7 @@ def bench_vision(name: str, args, wd: Path) -> list[dict]:
 
 
 def server_args(args) -> list[str]:
-    extra = ["--device", args.device, "--kernel", args.kernel]
-    if args.server_threads:
-        extra += ["--threads", str(args.server_threads)]
-    return extra
+    return ["--device", args.device, *server_flags(args)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,13 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         help="JSONL file the records are appended to; '' for stdout only (default bench/results/families.jsonl)",
     )
     p.add_argument("--device", default="cpu", help="server device (cpu, cuda, auto)")
-    p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
-    p.add_argument(
-        "--kernel",
-        choices=["auto", "native", "float64"],
-        default="auto",
-        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
-    )
+    add_server_args(p)
     args = p.parse_args(argv)
     quiet()
     wd = workdir(args.workdir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, emit, prepare, quiet, workdir  # noqa: E402
+from common import MODELS, add_server_args, emit, prepare, quiet, server_flags, workdir  # noqa: E402
 
 from hss_ee_hf.demo import local_servers  # noqa: E402
 
@@ -72,21 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="servers' batching window (`hss-ee serve --batch-window-ms`)",
     )
-    p.add_argument("--server-threads", type=int, help="torch threads per server (`hss-ee serve --threads`)")
     p.add_argument("--client-threads", type=int, help="torch threads per client session (default: torch's choice)")
-    p.add_argument(
-        "--kernel",
-        choices=["auto", "native", "float64"],
-        default="auto",
-        help="servers' CPU ring kernel (`hss-ee serve --kernel`, default auto)",
-    )
+    add_server_args(p)
     args = p.parse_args(argv)
     quiet()
     _, ee, key, _ = prepare(args.model, workdir(args.workdir))
     base = None
-    server_args = ["--batch-window-ms", str(args.batch_window_ms), "--kernel", args.kernel]
-    if args.server_threads:
-        server_args += ["--threads", str(args.server_threads)]
+    server_args = ["--batch-window-ms", str(args.batch_window_ms), *server_flags(args)]
     with local_servers(ee, extra_args=server_args) as endpoints:
         for n in args.sessions:
             tps = run(ee, key, endpoints, n, args.tokens, args.client_threads)

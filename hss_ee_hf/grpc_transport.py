@@ -97,6 +97,14 @@ def _unavailable_advice(endpoint: str, config: HSSEEClientConfig, details: str) 
     )
 
 
+def _stage_request(party: int, fingerprint: str, stage: str, shares: Shares) -> hss_ee_pb2.StageRequest:
+    """What one party is sent for a stage: party A (0) the 32-byte seed of its share, party B (1) its share."""
+    payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
+    return hss_ee_pb2.StageRequest(
+        version=PROTOCOL_VERSION, fingerprint=fingerprint, stage=stage, rows=shares.a.shape[0], **payload
+    )
+
+
 def _rpc_error(endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, attempts: int = 1) -> TransportError:
     """Turns a failed call into a `TransportError` naming `endpoint`, the status and what to do."""
     code = _code(err)
@@ -288,12 +296,7 @@ class GrpcTransport(Transport):
                 one) or answered with a reply of the wrong size.
         """
         rows = shares.b.shape[0]
-        common = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "stage": stage, "rows": rows}
-        requests = (
-            hss_ee_pb2.StageRequest(seed=shares.seed, **common),
-            hss_ee_pb2.StageRequest(share=shares.b.numpy().tobytes(), **common),
-        )
-        replies = self._call_both("Stage", requests)
+        replies = self._call_both("Stage", [_stage_request(party, fingerprint, stage, shares) for party in (0, 1)])
         y_a, y_b = (
             bytes_to_share(reply.share, rows, out_features, endpoint)
             for reply, endpoint in zip(replies, self.endpoints, strict=True)
@@ -302,14 +305,9 @@ class GrpcTransport(Transport):
 
     def run_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
         """Runs one stage on one server (retried while it is unavailable); see [`Transport.run_party`]."""
-        rows = shares.a.shape[0]
-        common = {"version": PROTOCOL_VERSION, "fingerprint": fingerprint, "stage": stage, "rows": rows}
-        if party == 0:
-            request = hss_ee_pb2.StageRequest(seed=shares.seed, **common)
-        else:
-            request = hss_ee_pb2.StageRequest(share=shares.b.numpy().tobytes(), **common)
+        request = _stage_request(party, fingerprint, stage, shares)
         reply = self._call_party(party, "Stage", request, threading.Event())
-        return bytes_to_share(reply.share, rows, out_features, self.endpoints[party])
+        return bytes_to_share(reply.share, request.rows, out_features, self.endpoints[party])
 
     def describe(self) -> tuple[dict, dict]:
         """Asks both servers what they serve.

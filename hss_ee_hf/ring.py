@@ -207,9 +207,9 @@ class RingWeight:
         device = torch.device(device)
         self._native = load_native_kernel(kernel) if device.type == "cpu" else None
         if self._native is not None:
-            # w + 2^15 lies in [1, 2^16 - 1]; int16 storage of the same bits is what the C kernel reads as uint16
-            offset = w_int.to(torch.int32) + (1 << 15)
-            self._u = torch.where(offset >= 1 << 15, offset - (1 << 16), offset).to(torch.int16).contiguous()
+            # The C kernel reads u = w + 2^15 in [1, 2^16 - 1] as uint16: flipping the sign bit of w's int16 bits
+            # adds 2^15 mod 2^16, so the int16 tensor holds exactly those bits.
+            self._u = (w_int.to(torch.int16) ^ -(1 << 15)).contiguous()
             self._device = device
         else:
             self._w_t = w_int.to(device=device, dtype=torch.float64).T.contiguous()  # (in, out)

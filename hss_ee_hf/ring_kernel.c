@@ -84,8 +84,6 @@ static void *run_job(void *arg) {
     return 0;
 }
 
-int hss_ee_kernel_version(void) { return 1; }
-
 int hss_ee_kernel_simd(void) {
 #if defined(__AVX2__)
     return 1;

@@ -46,11 +46,7 @@ def share(x: torch.Tensor) -> Shares:
     Returns:
         [`Shares`] with `a + b == x` (mod 2^64).
     """
-    if x.dtype != torch.int64:
-        raise TypeError(f"only int64 ring tensors can be shared, got {x.dtype}")
-    seed = new_seed()
-    a = expand_share(seed, tuple(x.shape))
-    return Shares(seed=seed, a=a, b=x.cpu() - a)
+    return share_with(x, *mask_for(tuple(x.shape)))
 
 
 def mask_for(shape: tuple[int, ...]) -> tuple[bytes, torch.Tensor]:

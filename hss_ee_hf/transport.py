@@ -94,27 +94,23 @@ class InProcessTransport(Transport):
         self.endpoints = ("in-process:A", "in-process:B")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hss-ee-inproc")
 
-    def _call(self, party: int, fingerprint: str, stage: str, rows: int, payload: dict) -> bytes:
+    def _call(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
+        rows = shares.a.shape[0]
+        # party A (0) is sent the 32-byte seed of its share, party B (1) its share
+        payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
         try:
-            return self.engines[party].compute(fingerprint, stage, rows, version=PROTOCOL_VERSION, **payload)
+            raw = self.engines[party].compute(fingerprint, stage, rows, version=PROTOCOL_VERSION, **payload)
         except StageRequestError as err:
             raise TransportError(self.endpoints[party], f"{err.code}: {err}") from err
-
-    def run_party(self, party, fingerprint, stage, shares, out_features):
-        rows = shares.a.shape[0]
-        payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
-        raw = self._call(party, fingerprint, stage, rows, payload)
         return bytes_to_share(raw, rows, out_features, self.endpoints[party])
 
+    def run_party(self, party, fingerprint, stage, shares, out_features):
+        return self._call(party, fingerprint, stage, shares, out_features)
+
     def run_stage(self, fingerprint, stage, shares, out_features):
-        rows = shares.b.shape[0]
-        fut_a = self._pool.submit(self._call, 0, fingerprint, stage, rows, {"seed": shares.seed})
-        fut_b = self._pool.submit(self._call, 1, fingerprint, stage, rows, {"share": shares.b.numpy().tobytes()})
-        raw_a, raw_b = fut_a.result(), fut_b.result()
-        return (
-            bytes_to_share(raw_a, rows, out_features, self.endpoints[0]),
-            bytes_to_share(raw_b, rows, out_features, self.endpoints[1]),
-        )
+        fut_a = self._pool.submit(self._call, 0, fingerprint, stage, shares, out_features)
+        fut_b = self._pool.submit(self._call, 1, fingerprint, stage, shares, out_features)
+        return fut_a.result(), fut_b.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
