@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from transformers.utils import logging as hf_logging
 
 from hss_ee_hf import convert
-from hss_ee_hf.demo import bundled_gguf, ensure_converted
-from hss_ee_hf.native import KERNEL_CHOICES
+from hss_ee_hf.cli.demo import bundled_gguf, ensure_converted
+from hss_ee_hf.ring.native import KERNEL_CHOICES
 
 # Random-init architectures given by config (weights are random: no download, no data).
 RANDOM_CONFIGS = {

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (src / "config.json").exists():
             save_random(name, src)
         total, largest = sizes(src)
-        cmd = [sys.executable, "-m", "hss_ee_hf.cli", "convert", str(src), str(out), "--key", str(key), "--force"]
+        cmd = [sys.executable, "-m", "hss_ee_hf.cli.main", "convert", str(src), str(out), "--key", str(key), "--force"]
         if args.no_verify:
             cmd.append("--no-verify")
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

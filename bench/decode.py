@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MODELS, add_server_args, emit, prepare, quiet, save_plot, server_flags, timed, workdir  # noqa: E402
 
-from hss_ee_hf.demo import local_servers  # noqa: E402
-from hss_ee_hf.engine import StageEngine  # noqa: E402
-from hss_ee_hf.modeling import HSSEEForCausalLM  # noqa: E402
-from hss_ee_hf.security import HSSEEClientConfig  # noqa: E402
-from hss_ee_hf.sharing import share  # noqa: E402
+from hss_ee_hf.cli.demo import local_servers  # noqa: E402
+from hss_ee_hf.client.modeling import HSSEEForCausalLM  # noqa: E402
+from hss_ee_hf.ring.sharing import share  # noqa: E402
+from hss_ee_hf.server.engine import StageEngine  # noqa: E402
+from hss_ee_hf.transport.config import HSSEEClientConfig  # noqa: E402
 
 
 def prompt_ids(tokenizer, vocab: int, length: int | None = None) -> dict:

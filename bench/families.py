@@ -53,7 +53,7 @@ from transformers import (  # noqa: E402
 )
 
 from hss_ee_hf import HSSEEForConditionalGeneration, HSSEEForImageClassification, convert  # noqa: E402
-from hss_ee_hf.demo import local_servers  # noqa: E402
+from hss_ee_hf.cli.demo import local_servers  # noqa: E402
 
 # Random-init models with the real shapes (weights are random: no download, no data).
 FAMILY_MODELS = {

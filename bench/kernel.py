@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RANDOM_CONFIGS, emit  # noqa: E402
 
-from hss_ee_hf.csprng import ChaChaStream  # noqa: E402
-from hss_ee_hf.ring import RingWeight, ring_matmul_reference  # noqa: E402
-from hss_ee_hf.stages import stage_layout  # noqa: E402
+from hss_ee_hf.artifacts.layouts import stage_layout  # noqa: E402
+from hss_ee_hf.ring.csprng import ChaChaStream  # noqa: E402
+from hss_ee_hf.ring.matmul import RingWeight, ring_matmul_reference  # noqa: E402
 
 
 def _config(name: str):

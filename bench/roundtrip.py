@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MODELS, emit, prepare, quiet, workdir  # noqa: E402
 
-from hss_ee_hf.checkpoint import HSSEECheckpointInfo  # noqa: E402
-from hss_ee_hf.demo import local_servers  # noqa: E402
-from hss_ee_hf.grpc_transport import GrpcTransport  # noqa: E402
-from hss_ee_hf.security import HSSEEClientConfig  # noqa: E402
-from hss_ee_hf.sharing import share  # noqa: E402
+from hss_ee_hf.artifacts.checkpoint import HSSEECheckpointInfo  # noqa: E402
+from hss_ee_hf.cli.demo import local_servers  # noqa: E402
+from hss_ee_hf.ring.sharing import share  # noqa: E402
+from hss_ee_hf.transport.config import HSSEEClientConfig  # noqa: E402
+from hss_ee_hf.transport.grpc_client import GrpcTransport  # noqa: E402
 
 
 def _cpu(process: psutil.Process) -> float:

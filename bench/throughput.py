@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MODELS, add_server_args, emit, prepare, quiet, server_flags, workdir  # noqa: E402
 
-from hss_ee_hf.demo import local_servers  # noqa: E402
+from hss_ee_hf.cli.demo import local_servers  # noqa: E402
 
 
 def _session(
@@ -30,7 +30,7 @@ def _session(
 ) -> None:
     import torch
 
-    from hss_ee_hf.modeling import HSSEEForCausalLM
+    from hss_ee_hf.client.modeling import HSSEEForCausalLM
 
     quiet()
     if threads:

@@ -1,7 +1,7 @@
 """The converter front end (`hss-ee convert`): installed as `hss_ee_conversion`.
 
 Reads an HF checkpoint (local folder, Hub id in the local cache, or GGUF file), streams it through
-the EE transforms of `hss_ee_hf.ee_specs`, verifies equivariance and writes the EE checkpoint and
+the EE transforms of `hss_ee_hf.ee.specs`, verifies equivariance and writes the EE checkpoint and
 the secret key.
 """
 

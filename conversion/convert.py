@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hss_ee_hf.architectures import spec_class_for
-from hss_ee_hf.checkpoint import (
+from hss_ee_hf.artifacts.checkpoint import (
     CLIENT_SHARD,
     CONFIG_KEY,
     INDEX_FILE,
@@ -32,13 +31,14 @@ from hss_ee_hf.checkpoint import (
     short,
     tensor_digest,
 )
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.engine import iter_stage_weights
+from hss_ee_hf.artifacts.key import EEKey
+from hss_ee_hf.artifacts.layouts import server_tensor_names
+from hss_ee_hf.artifacts.weights import iter_stage_weights
+from hss_ee_hf.ee.families import spec_class_for
 from hss_ee_hf.errors import ConversionError
-from hss_ee_hf.key import EEKey
-from hss_ee_hf.push import render_model_card
-from hss_ee_hf.ring import RingConfig
-from hss_ee_hf.stages import server_tensor_names
+from hss_ee_hf.hub.model_card import render_model_card
+from hss_ee_hf.ring.csprng import ChaChaStream
+from hss_ee_hf.ring.fixed_point import RingConfig
 
 from .source import ModelSource, open_source
 from .verify import verify_equivariance

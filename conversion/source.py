@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import ModelCard, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hss_ee_hf.errors import ConversionError
-from hss_ee_hf.hub import TOKENIZER_FILES
+from hss_ee_hf.hub.download import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,26 @@ def _plain_config(config):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
+
+
+VERIFY_MEMORY_BYTES = 256 * 1024**2
+
+
+def load_bounded(
+    folder: Path, offload_dir: Path, memory_bytes: int = VERIFY_MEMORY_BYTES, auto_class: str = "AutoModelForCausalLM"
+):
+    """`from_pretrained` in float32 holding at most about `memory_bytes` of weights in memory (rest offloaded)."""
+    return (
+        getattr(transformers, auto_class)
+        .from_pretrained(
+            folder,
+            dtype=torch.float32,
+            device_map="auto",
+            max_memory={"cpu": memory_bytes},
+            offload_folder=str(offload_dir),
+        )
+        .eval()
+    )
 
 
 class ModelSource:
@@ -138,8 +159,6 @@ class FolderSource(ModelSource):
         return value if isinstance(value, str) else None
 
     def load_model(self, auto_class="AutoModelForCausalLM"):
-        from .verify import load_bounded
-
         self._offload = tempfile.TemporaryDirectory(prefix=".hss-ee-offload-")
         return load_bounded(self.folder, Path(self._offload.name), auto_class=auto_class)
 

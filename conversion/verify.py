@@ -15,34 +15,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-import transformers
 
-from hss_ee_hf.ee_specs import EESpec
+from hss_ee_hf.ee.specs import EESpec
 from hss_ee_hf.errors import ConversionError
 
-from .source import ModelSource
+from .source import ModelSource, load_bounded
 
 logger = logging.getLogger(__name__)
-
-
-VERIFY_MEMORY_BYTES = 256 * 1024**2
-
-
-def load_bounded(
-    folder: Path, offload_dir: Path, memory_bytes: int = VERIFY_MEMORY_BYTES, auto_class: str = "AutoModelForCausalLM"
-):
-    """`from_pretrained` in float32 holding at most about `memory_bytes` of weights in memory (rest offloaded)."""
-    return (
-        getattr(transformers, auto_class)
-        .from_pretrained(
-            folder,
-            dtype=torch.float32,
-            device_map="auto",
-            max_memory={"cpu": memory_bytes},
-            offload_folder=str(offload_dir),
-        )
-        .eval()
-    )
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ def main() -> None:
 
     connect = {"endpoints": args.endpoints}
     if args.in_process:
-        from hss_ee_hf.engine import StageEngine
+        from hss_ee_hf.server import StageEngine
         from hss_ee_hf.transport import InProcessTransport
 
         connect = {"transport": InProcessTransport(StageEngine(args.checkpoint))}

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.in_process:
-        from hss_ee_hf.engine import StageEngine
+        from hss_ee_hf.server import StageEngine
         from hss_ee_hf.transport import InProcessTransport
 
         connection = {"transport": InProcessTransport(StageEngine(args.checkpoint))}

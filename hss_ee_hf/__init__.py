@@ -14,34 +14,36 @@ Public API (everything else is private by name):
 * the typed errors in `hss_ee_hf.errors`.
 
 Importing the package registers `HSSEEConfig` with `AutoConfig`, its client factory with `AutoModelForCausalLM`,
-and the three `"hss-ee-*"` tasks with transformers' `PIPELINE_REGISTRY` (see `hss_ee_hf.auto` and the
-`*pipeline*` modules).
+and the three `"hss-ee-*"` tasks with transformers' `PIPELINE_REGISTRY` (see
+`hss_ee_hf.client.auto` and `hss_ee_hf.pipelines`).
 """
 
 from __future__ import annotations
 
-from .auto import HSSEEConfig, register_auto_classes
-from .checkpoint import HSSEECheckpointInfo
+from .artifacts.checkpoint import HSSEECheckpointInfo
+from .artifacts.key import EEKey
+from .client.auto import register_auto_classes
+from .client.config import HSSEEConfig
+from .client.modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration, HSSEEForImageClassification
+from .client.verifier import CheatingServerError
 from .errors import (
     CheckpointError,
     ConversionError,
     HSSEEError,
     KeyFileError,
     KeyMismatchError,
+    PushRefusedError,
     RingOverflowError,
     StageError,
     TransportError,
     UnsupportedArchitectureError,
 )
-from .image_pipeline import HSSEEImageClassificationPipeline, register_image_pipeline
-from .integrity import CheatingServerError
-from .key import EEKey
-from .modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration, HSSEEForImageClassification
-from .pipelines import HSSEETextGenerationPipeline, register_pipeline
-from .push import PushRefusedError, push_to_hub
-from .ring import RingConfig
-from .security import HSSEEClientConfig
-from .text2text_pipeline import HSSEEText2TextGenerationPipeline, register_text2text_pipeline
+from .hub.upload import push_to_hub
+from .pipelines.image_classification import HSSEEImageClassificationPipeline, register_image_pipeline
+from .pipelines.text2text import HSSEEText2TextGenerationPipeline, register_text2text_pipeline
+from .pipelines.text_generation import HSSEETextGenerationPipeline, register_pipeline
+from .ring.fixed_point import RingConfig
+from .transport.config import HSSEEClientConfig
 
 __version__ = "0.1.0"
 

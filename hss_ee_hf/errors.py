@@ -81,3 +81,15 @@ class StageRequestError(StageError):
 class NativeKernelError(HSSEEError, RuntimeError):
     """The native ring kernel was asked for by name (`--kernel native`, `HSS_EE_KERNEL=native`) but could
     not be built or loaded; install a C compiler (gcc or clang) or use `--kernel auto`."""
+
+
+class PushRefusedError(HSSEEError, ValueError):
+    """A push was refused before anything was uploaded.
+
+    Raised when the folder holds a secret key or something that looks like one, or a file that is not part of an
+    EE checkpoint, or when the model card cannot be rendered from the given arguments.
+    """
+
+
+class HubUploadError(HSSEEError, OSError):
+    """The Hub refused or could not receive the upload (network, permissions, offline mode)."""

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.engine import StageBatcher
-from hss_ee_hf.ring import RingWeight, ring_matmul_reference
+from hss_ee_hf.ring.csprng import ChaChaStream
+from hss_ee_hf.ring.matmul import RingWeight, ring_matmul_reference
+from hss_ee_hf.server.batching import StageBatcher
 
 
 class CountingWeight(RingWeight):
@@ -19,6 +19,7 @@ class CountingWeight(RingWeight):
 
     def matmul(self, x):
         self.calls.append(x.shape[0])
+        time.sleep(0.02)  # a product that takes time, so concurrent requests overlap even on a loaded machine
         return super().matmul(x)
 
 
@@ -29,8 +30,10 @@ def test_concurrent_requests_are_batched_and_exact():
     batcher = StageBatcher(window=0.2, max_rows=64)
     inputs = [rng.int64((1 + i % 3, 40)) for i in range(8)]
     results: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(8)
 
     def worker(i: int) -> None:
+        start.wait()
         results[i] = batcher.run("layers.0.qkv", weight, inputs[i])
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]

@@ -15,7 +15,7 @@ import pytest
 from tiny_models import save_tiny
 
 from hss_ee_hf import EEKey, HSSEECheckpointInfo
-from hss_ee_hf.cli import build_parser, main
+from hss_ee_hf.cli.main import build_parser, main
 
 SUBCOMMANDS = ("convert", "serve", "generate", "classify", "push", "demo")
 
@@ -133,7 +133,7 @@ def test_convert_as_a_subprocess(tiny_src, tmp_path):
     out, key = tmp_path / "ee", tmp_path / "k.hss-ee-key"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "hss_ee_hf.cli", "convert", str(tiny_src), str(out), "--key", str(key)],
+        [sys.executable, "-m", "hss_ee_hf.cli.main", "convert", str(tiny_src), str(out), "--key", str(key)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -17,9 +17,9 @@ from tiny_families import IMAGE_SIZE, tiny_family_model, tiny_image_processor
 from tiny_models import tiny_tokenizer
 from transformers import pipeline
 
-from hss_ee_hf.cli import main
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.server import start_server
+from hss_ee_hf.cli.main import main
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -33,14 +33,14 @@ from hss_ee_hf import (
     UnsupportedArchitectureError,
     convert,
 )
-from hss_ee_hf.checkpoint import FORMAT_VERSION, combine_digests, tensor_digest
+from hss_ee_hf.artifacts.checkpoint import FORMAT_VERSION, combine_digests, tensor_digest
 
 # float32 forward passes of the original and the EE model differ only by rounding of the rotated sums
 REL_TOL = 1e-4
 NEW_TOKENS = 16
 CLIENT_SHARD = "model-client.safetensors"
 SCALES_FILE = "hss_ee_scales.safetensors"
-# Written out here rather than taken from `hss_ee_hf.stages`, so a wrong stage layout there is caught.
+# Written out here rather than taken from `hss_ee_hf.artifacts.stages`, so a wrong stage layout there is caught.
 STAGE_WEIGHT = re.compile(r"(^lm_head|_proj|\.c_attn|\.c_fc)\.weight$")
 CLIENT_TENSOR = re.compile(r"((embed_tokens|\.wte|\.wpe|norm|\.ln_\d+|\.ln_f)\.weight|\.bias)$")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

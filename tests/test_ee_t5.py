@@ -23,9 +23,9 @@ from tiny_families import t5_small_config
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.ee_t5 import T5Spec, t5_stage_layout
-from hss_ee_hf.stages import stage_layout
+from hss_ee_hf.artifacts.layouts import stage_layout, t5_stage_layout
+from hss_ee_hf.ee.t5 import T5Spec
+from hss_ee_hf.ring.csprng import ChaChaStream
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

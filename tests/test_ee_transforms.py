@@ -24,10 +24,10 @@ from transformers import (
     Qwen2Config,
 )
 
-from hss_ee_hf.architectures import SUPPORTED_ARCHITECTURES, spec_class_for
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.ee_math import orthogonal_fixing_ones, rope_commuting_rotation
+from hss_ee_hf.ee.families import SUPPORTED_ARCHITECTURES, spec_class_for
+from hss_ee_hf.ee.transforms import orthogonal_fixing_ones, rope_commuting_rotation
 from hss_ee_hf.errors import UnsupportedArchitectureError
+from hss_ee_hf.ring.csprng import ChaChaStream
 
 VOCAB = 160
 TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

@@ -23,16 +23,13 @@ from torch import nn
 from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
 from transformers.models.resnet.modeling_resnet import ResNetConvLayer, ResNetShortCut
 
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.ee_vision import (
-    BATCH_NORM_EPS,
-    ResNetSpec,
-    ViTSpec,
-    resnet_layers,
-    vision_stage_layout,
-)
+from hss_ee_hf.artifacts.layouts import resnet_layers, stage_layout
+from hss_ee_hf.artifacts.stages import stage_matrix
+from hss_ee_hf.ee.resnet import ResNetSpec
+from hss_ee_hf.ee.vision import BATCH_NORM_EPS
+from hss_ee_hf.ee.vit import ViTSpec
 from hss_ee_hf.errors import ConversionError, UnsupportedArchitectureError
-from hss_ee_hf.stages import stage_matrix
+from hss_ee_hf.ring.csprng import ChaChaStream
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -244,7 +241,7 @@ def _forward_order(model: nn.Module, pixel_values: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_stage_layout_names_every_weight_once_in_forward_order(name):
     config, model = _build(name)
-    layout = vision_stage_layout(config)
+    layout = stage_layout(config)
     parts = [p for s in layout for p in s.parts]
     assert len({s.name for s in layout}) == len(layout)
     assert len({p.module for p in parts}) == len(parts)
@@ -275,7 +272,7 @@ def test_im2col_stages_match_conv2d(name):
     config, model = _build(name)
     spec, out, _ = _convert(config, model, ChaChaStream(_seed("im2col:" + name)))
     modules = dict(model.named_modules())
-    conv_parts = [p for s in vision_stage_layout(config) for p in s.parts if p.kind == "conv2d"]
+    conv_parts = [p for s in stage_layout(config) for p in s.parts if p.kind == "conv2d"]
     assert len(conv_parts) == sum(isinstance(m, nn.Conv2d) for m in modules.values())
     stream = ChaChaStream(_seed("patches:" + name))
     for part in conv_parts:
@@ -363,7 +360,7 @@ def test_unknown_tensor_and_family_are_refused():
     with pytest.raises(ConversionError, match="unexpected layout"):
         spec.transform("resnet.encoder.stages.9.layers.0.layer.0.convolution.weight", torch.zeros(8, 8, 3, 3), {})
     with pytest.raises(UnsupportedArchitectureError):
-        vision_stage_layout(types.SimpleNamespace(model_type="convnext"))
+        stage_layout(types.SimpleNamespace(model_type="convnext"))
     headless = CONFIGS["vit"]()
     headless.num_labels = 0
     with pytest.raises(UnsupportedArchitectureError, match="num_labels=0"):
@@ -385,7 +382,7 @@ def test_resnet50_shape_is_equivariant():
     assert 25_000_000 < n_params < 26_000_000  # ResNet-50's 25.6 M
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 53
     spec, _, ee_model = _convert(config, model, ChaChaStream(_seed("ee:resnet-50")))
-    assert len(vision_stage_layout(config)) == 54
+    assert len(stage_layout(config)) == 54
     _check_equivariant(model, ee_model, spec.vocab_perm, _images("resnet-50", (2, 3, 224, 224)))
     assert time.perf_counter() - start < 300
 

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 from tiny_families import convert_tiny_family
 
-from hss_ee_hf.push import render_model_card
+from hss_ee_hf.hub.model_card import render_model_card
 
 CASES = {
     "t5-relu-tied": ("text2text-generation", "HSSEEForConditionalGeneration.from_pretrained(", "hss-ee generate"),

@@ -18,14 +18,14 @@ import grpc
 import pytest
 import torch
 
-from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.client.modeling import HSSEEForCausalLM
 from hss_ee_hf.errors import StageRequestError, TransportError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.modeling import HSSEEForCausalLM
-from hss_ee_hf.security import HSSEEClientConfig
-from hss_ee_hf.server import start_server
-from hss_ee_hf.sharing import share
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.ring.sharing import share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.transport.config import HSSEEClientConfig
+from hss_ee_hf.transport.grpc_client import GrpcTransport
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import VOCAB, convert_tiny  # noqa: E402

@@ -18,13 +18,15 @@ import grpc
 import pytest
 import torch
 
-from hss_ee_hf.csprng import SEED_BYTES
-from hss_ee_hf.engine import PROTOCOL_VERSION, StageEngine
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.protos import hss_ee_pb2
-from hss_ee_hf.security import HSSEEClientConfig, HSSEEServerSecurity
-from hss_ee_hf.server import SERVICE_NAME, message_limit, start_server
-from hss_ee_hf.sharing import share
+from hss_ee_hf.ring.csprng import SEED_BYTES
+from hss_ee_hf.ring.sharing import share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import SERVICE_NAME, message_limit, start_server
+from hss_ee_hf.server.security import HSSEEServerSecurity
+from hss_ee_hf.transport.base import PROTOCOL_VERSION
+from hss_ee_hf.transport.config import HSSEEClientConfig
+from hss_ee_hf.transport.grpc_client import GrpcTransport
+from hss_ee_hf.transport.protos import hss_ee_pb2
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -32,15 +32,15 @@ from transformers.generation.streamers import BaseStreamer
 
 import hss_ee_hf
 from hss_ee_hf import HSSEECheckpointInfo, HSSEEForCausalLM, KeyMismatchError, TransportError
-from hss_ee_hf.checkpoint import short
-from hss_ee_hf.csprng import SEED_BYTES
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.key import EEKey
-from hss_ee_hf.ring import encode
-from hss_ee_hf.server import start_server
-from hss_ee_hf.sharing import expand_share
-from hss_ee_hf.stages import stage_layout
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.artifacts.checkpoint import short
+from hss_ee_hf.artifacts.key import EEKey
+from hss_ee_hf.artifacts.layouts import stage_layout
+from hss_ee_hf.ring.csprng import SEED_BYTES
+from hss_ee_hf.ring.fixed_point import encode
+from hss_ee_hf.ring.sharing import expand_share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 TRANSPORTS = ("in-process", "grpc")
 NEW_TOKENS = 32

@@ -28,14 +28,17 @@ from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import save_file
 from tiny_models import ARCHITECTURES, convert_tiny
 
-from hss_ee_hf import hub, modeling, push
-from hss_ee_hf.checkpoint import INDEX_FILE
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.errors import CheckpointError
-from hss_ee_hf.hub import CLIENT_PATTERNS, SERVER_PATTERNS, resolve_client_files, resolve_server_files
-from hss_ee_hf.modeling import HSSEEForCausalLM
-from hss_ee_hf.push import HubUploadError, PushCommand, PushRefusedError, plan_push, push_to_hub
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.artifacts.checkpoint import INDEX_FILE
+from hss_ee_hf.cli.push import PushCommand
+from hss_ee_hf.client import modeling
+from hss_ee_hf.client.modeling import HSSEEForCausalLM
+from hss_ee_hf.errors import CheckpointError, HubUploadError, PushRefusedError
+from hss_ee_hf.hub import download as hub
+from hss_ee_hf.hub import upload as push
+from hss_ee_hf.hub.download import CLIENT_PATTERNS, SERVER_PATTERNS, resolve_client_files, resolve_server_files
+from hss_ee_hf.hub.upload import plan_push, push_to_hub
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 REPO_ID = "org/tiny-ee"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -327,7 +330,7 @@ def test_push_refuses_an_incomplete_or_foreign_folder(llama, folder_copy):
 def test_push_replaces_a_stale_readme_with_the_rendered_card(folder_copy, caplog):
     (folder_copy / "README.md").write_text("# stale card\n")
     api = FakeHfApi()
-    with caplog.at_level(logging.WARNING, logger="hss_ee_hf.push"):
+    with caplog.at_level(logging.WARNING, logger="hss_ee_hf.hub.upload"):
         push_to_hub(folder_copy, REPO_ID, api=api)
     assert ModelCard(api.uploaded["README.md"].decode()).data.library_name == "hss-ee-hf"
     assert "replaced by the rendered model card" in caplog.text

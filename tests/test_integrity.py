@@ -17,21 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.client.verifier import CheatingServerError, FreivaldsVerifier, VerifyingTransport
 from hss_ee_hf.errors import StageError, TransportError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.integrity import (
-    CheatingServerError,
-    FreivaldsVerifier,
-    VerifyingTransport,
-    _binary_matmul_nt,
-    _limbs,
-    ring_matmul_nt,
-)
-from hss_ee_hf.server import start_server
-from hss_ee_hf.sharing import Shares, share
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.ring.csprng import ChaChaStream
+from hss_ee_hf.ring.limbs import LIMB16_BITS, binary_matmul_nt, ring_matmul_nt, to_limbs
+from hss_ee_hf.ring.sharing import Shares, share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.transport.grpc_client import GrpcTransport
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import convert_tiny  # noqa: E402
@@ -78,13 +72,13 @@ def _honest(engine: StageEngine, stage: str, shares: Shares) -> tuple[torch.Tens
 def test_ring_products_are_exact(m: int, n: int, k: int):
     gen = torch.Generator().manual_seed(m * 1000 + k)
     a, b = _ring(m, k, gen), _ring(n, k, gen)
-    got = ring_matmul_nt(_limbs(a), b)
+    got = ring_matmul_nt(to_limbs(a, LIMB16_BITS), b)
     rows_a, rows_b = a.tolist(), b.tolist()
     expected = [[_signed(sum(p * q for p, q in zip(ra, rb, strict=True))) for rb in rows_b] for ra in rows_a]
     assert got.tolist() == expected
     bits = torch.randint(0, 2, (m, k), generator=gen).to(torch.float64)
     expected_bits = [[_signed(sum(int(p) * q for p, q in zip(ra, rb, strict=True))) for rb in rows_b] for ra in bits]
-    assert _binary_matmul_nt(bits, b).tolist() == expected_bits
+    assert binary_matmul_nt(bits, b).tolist() == expected_bits
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])  # the int64 path (few rows) and the limb path (many)
@@ -271,7 +265,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _generate(folder: Path, key: Path, transport, new_tokens: int = 6) -> torch.Tensor:
-    from hss_ee_hf.modeling import HSSEEForCausalLM
+    from hss_ee_hf.client.modeling import HSSEEForCausalLM
 
     model = HSSEEForCausalLM.from_pretrained(folder, key=key, transport=transport)
     ids = torch.tensor([[1, 5, 9, 17, 33]])

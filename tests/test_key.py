@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hss_ee_hf.checkpoint import FORMAT_VERSION, short
-from hss_ee_hf.csprng import ChaChaStream
+from hss_ee_hf.artifacts.checkpoint import FORMAT_VERSION, short
+from hss_ee_hf.artifacts.key import KEY_KIND, EEKey
 from hss_ee_hf.errors import KeyFileError, KeyMismatchError
-from hss_ee_hf.key import KEY_KIND, EEKey
+from hss_ee_hf.ring.csprng import ChaChaStream
 
 FINGERPRINT = "ab12" * 16
 OTHER_FINGERPRINT = "cd34" * 16

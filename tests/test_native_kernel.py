@@ -15,15 +15,15 @@ import threading
 import pytest
 import torch
 
-from hss_ee_hf import native
-from hss_ee_hf.cli import main as cli_main
-from hss_ee_hf.csprng import ChaChaStream
-from hss_ee_hf.demo import local_servers
-from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.cli.demo import local_servers
+from hss_ee_hf.cli.main import main as cli_main
 from hss_ee_hf.errors import InvalidConfigError, NativeKernelError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.ring import RingWeight, ring_matmul_reference
-from hss_ee_hf.sharing import share
+from hss_ee_hf.ring import native
+from hss_ee_hf.ring.csprng import ChaChaStream
+from hss_ee_hf.ring.matmul import RingWeight, ring_matmul_reference
+from hss_ee_hf.ring.sharing import share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.transport.grpc_client import GrpcTransport
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler to build the native kernel"
@@ -129,7 +129,7 @@ def test_build_is_cached_per_machine(fresh_kernel_state):
 
 def test_without_a_compiler_auto_falls_back_and_native_says_why(fresh_kernel_state, monkeypatch, caplog):
     monkeypatch.setenv("CC", str(fresh_kernel_state / "no-such-cc"))
-    with caplog.at_level(logging.WARNING, logger="hss_ee_hf.native"):
+    with caplog.at_level(logging.WARNING, logger="hss_ee_hf.ring.native"):
         assert native.load_native_kernel("auto") is None
     assert "using the float64 kernel" in caplog.text
     with pytest.raises(NativeKernelError, match="unavailable"):

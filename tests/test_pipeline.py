@@ -15,7 +15,9 @@ from tiny_models import convert_tiny, tiny_config, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, pipeline
 
 from hss_ee_hf import (
+    CheatingServerError,
     CheckpointError,
+    HSSEEClientConfig,
     HSSEEConfig,
     HSSEEError,
     HSSEEForCausalLM,
@@ -23,9 +25,9 @@ from hss_ee_hf import (
     KeyFileError,
     KeyMismatchError,
 )
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.server import start_server
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 TASK = "hss-ee-text-generation"
 PROMPT = "w5 w6 w7 w8"
@@ -120,6 +122,34 @@ def test_pipeline_accepts_a_client_model(tiny: Tiny, reference) -> None:
         assert generator(CHAT, **GREEDY) == reference(CHAT, **GREEDY)
         generator.close()  # the pipeline did not open the connection, so it leaves it open
         assert generator(PROMPT, **GREEDY) == reference(PROMPT, **GREEDY)
+
+
+@pytest.mark.parametrize(
+    ("config_timeout", "timeout", "want"),
+    [(None, None, 5.0), (20.0, None, 20.0), (None, 7.0, 7.0)],
+    ids=["client-config", "hss-ee-config", "explicit"],
+)
+def test_auto_honours_client_config_timeout(tiny: Tiny, endpoints, config_timeout, timeout, want) -> None:
+    # The HSSEEConfig / explicit timeout wins when set; otherwise the client_config's own deadline applies (it used
+    # to be replaced by a hard-coded 60 s).
+    config = HSSEEConfig(checkpoint=str(tiny.folder), endpoints=list(endpoints), timeout=config_timeout)
+    extra = {} if timeout is None else {"timeout": timeout}
+    client_config = HSSEEClientConfig(timeout=5.0)
+    with AutoModelForCausalLM.from_config(config, key=tiny.key, client_config=client_config, **extra) as model:
+        assert model.hss_ee_client.transport.timeout == want
+
+
+def test_pipeline_passes_client_config_and_verify(tiny: Tiny, reference, endpoints) -> None:
+    client_config = HSSEEClientConfig(timeout=5.0, retries=1)
+    with pipeline(
+        TASK, model=str(tiny.folder), key=tiny.key, endpoints=endpoints, client_config=client_config, verify=True
+    ) as generator:
+        transport = generator.model.hss_ee_client.transport
+        assert transport.verifier.checks == 0 and transport.inner.timeout == 5.0
+        assert transport.inner.config.retries == 1
+        assert generator(PROMPT, **GREEDY) == reference(PROMPT, **GREEDY)
+        assert transport.verifier.checks > 0  # every stage reply was Freivalds-checked
+    assert issubclass(CheatingServerError, HSSEEError)
 
 
 # --- errors -------------------------------------------------------------------------------------------------------

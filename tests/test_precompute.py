@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.client.stage_client import PRECOMPUTE_MAX_ROWS, StageClient
 from hss_ee_hf.errors import TransportError
-from hss_ee_hf.protocol import PRECOMPUTE_MAX_ROWS, StageClient
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 STAGE = "layers.0.qkv"
 

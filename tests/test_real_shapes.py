@@ -20,8 +20,8 @@ from transformers import (
 )
 
 from hss_ee_hf import HSSEEForConditionalGeneration, HSSEEForImageClassification, convert
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 pytestmark = pytest.mark.slow
 

@@ -14,19 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hss_ee_hf.csprng import ChaChaStream
 from hss_ee_hf.errors import RingOverflowError
-from hss_ee_hf.ring import (
-    MAX_IN_FEATURES,
-    RingConfig,
-    RingWeight,
-    decode_activation,
-    decode_output,
-    encode,
-    quantize_weight,
-    ring_matmul_reference,
-)
-from hss_ee_hf.sharing import reconstruct, share
+from hss_ee_hf.ring.csprng import ChaChaStream
+from hss_ee_hf.ring.fixed_point import RingConfig, decode_activation, decode_output, encode, quantize_weight
+from hss_ee_hf.ring.matmul import MAX_IN_FEATURES, RingWeight, ring_matmul_reference
+from hss_ee_hf.ring.sharing import reconstruct, share
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1

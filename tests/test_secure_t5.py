@@ -21,10 +21,10 @@ from tiny_models import tiny_tokenizer
 from transformers import T5ForConditionalGeneration, pipeline
 
 from hss_ee_hf import HSSEEForCausalLM, HSSEEForConditionalGeneration, HSSEEText2TextGenerationPipeline
-from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.artifacts.layouts import stage_layout
 from hss_ee_hf.errors import CheckpointError
-from hss_ee_hf.stages import stage_layout
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 NEW_TOKENS = 16
 PROMPTS = ["w5 w6 w7 w8 w9 w10 w11 w12 w13", "w20 w21 w22"]

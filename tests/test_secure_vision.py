@@ -28,9 +28,9 @@ from transformers import pipeline
 from transformers.modeling_outputs import ImageClassifierOutput, ImageClassifierOutputWithNoAttention
 
 from hss_ee_hf import HSSEEForImageClassification, HSSEEImageClassificationPipeline
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.stages import stage_layout
-from hss_ee_hf.transport import InProcessTransport
+from hss_ee_hf.artifacts.layouts import stage_layout
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.transport.inprocess import InProcessTransport
 
 IMAGES = 32
 LOGITS_RTOL = 1e-2

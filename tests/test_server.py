@@ -19,16 +19,17 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 
-from hss_ee_hf.csprng import SEED_BYTES
-from hss_ee_hf.engine import PROTOCOL_VERSION, StageEngine
 from hss_ee_hf.errors import StageRequestError, TransportError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.protos import hss_ee_pb2, hss_ee_pb2_grpc
-from hss_ee_hf.ring import RingConfig, quantize_weight
-from hss_ee_hf.security import HSSEEClientConfig
-from hss_ee_hf.server import SERVICE_NAME, ShareServerError, message_limit, serve, start_server
-from hss_ee_hf.sharing import share
-from hss_ee_hf.transport import InProcessTransport, Transport
+from hss_ee_hf.ring.csprng import SEED_BYTES
+from hss_ee_hf.ring.fixed_point import RingConfig, quantize_weight
+from hss_ee_hf.ring.sharing import share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import SERVICE_NAME, ShareServerError, message_limit, serve, start_server
+from hss_ee_hf.transport.base import PROTOCOL_VERSION, Transport
+from hss_ee_hf.transport.config import HSSEEClientConfig
+from hss_ee_hf.transport.grpc_client import GrpcTransport
+from hss_ee_hf.transport.inprocess import InProcessTransport
+from hss_ee_hf.transport.protos import hss_ee_pb2, hss_ee_pb2_grpc
 
 FINGERPRINT = "ab" * 32
 MAX_ROWS = 8192

@@ -21,14 +21,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hss_ee_hf.engine import StageEngine
+from hss_ee_hf.artifacts.key import EEKey
+from hss_ee_hf.client.stage_client import StageClient
 from hss_ee_hf.errors import HSSEEError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.key import EEKey
-from hss_ee_hf.protocol import StageClient
-from hss_ee_hf.security import HSSEEClientConfig, HSSEEServerSecurity
-from hss_ee_hf.server import start_server
-from hss_ee_hf.sharing import expand_share, share
+from hss_ee_hf.ring.sharing import expand_share, share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.server.security import HSSEEServerSecurity
+from hss_ee_hf.transport.config import HSSEEClientConfig
+from hss_ee_hf.transport.grpc_client import GrpcTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import convert_tiny  # noqa: E402
@@ -263,8 +264,8 @@ class _FailingEngine:
 
 
 def test_no_payload_seed_key_or_token_in_logs_or_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    from hss_ee_hf.integrity import CheatingServerError, FreivaldsVerifier, VerifyingTransport
-    from hss_ee_hf.modeling import HSSEEForCausalLM
+    from hss_ee_hf.client.modeling import HSSEEForCausalLM
+    from hss_ee_hf.client.verifier import CheatingServerError, FreivaldsVerifier, VerifyingTransport
 
     caplog.set_level(logging.DEBUG)
     _, folder, key_path = convert_tiny("llama", tmp_path)

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hss_ee_hf.csprng import SEED_BYTES, ChaChaStream, new_seed
-from hss_ee_hf.sharing import expand_share, reconstruct, share
+from hss_ee_hf.ring.csprng import SEED_BYTES, ChaChaStream, new_seed
+from hss_ee_hf.ring.sharing import expand_share, reconstruct, share
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -235,4 +235,4 @@ def test_no_insecure_randomness_in_library():
         for p in files
         if (hits := _insecure_randomness(p.read_text(encoding="utf-8")))
     }
-    assert not offenders, f"insecure randomness (use hss_ee_hf.csprng): {offenders}"
+    assert not offenders, f"insecure randomness (use hss_ee_hf.ring.csprng): {offenders}"

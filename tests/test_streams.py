@@ -1,4 +1,4 @@
-"""Stage calls on long-lived gRPC streams (`hss_ee_hf.grpc_streams`): same answers, same errors, clean fallbacks.
+"""Stage calls on long-lived gRPC streams (`hss_ee_hf.transport.streams`): same answers, same errors, clean fallbacks.
 
 Deadlines, restarts and injected faults on streams are covered by `test_faults.py` (streams are the default);
 tokens by `test_tls.py`. This file checks what only streams have: reuse, a refused request ending only its own
@@ -16,14 +16,14 @@ import grpc
 import pytest
 import torch
 
-from hss_ee_hf.engine import StageEngine
 from hss_ee_hf.errors import TransportError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.protos import hss_ee_pb2
-from hss_ee_hf.security import HSSEEClientConfig
-from hss_ee_hf.server import start_server
-from hss_ee_hf.servicer import SERVICE_NAME, ShareServicer, _lenient_parser
-from hss_ee_hf.sharing import share
+from hss_ee_hf.ring.sharing import share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.server.servicer import SERVICE_NAME, ShareServicer, _lenient_parser
+from hss_ee_hf.transport.config import HSSEEClientConfig
+from hss_ee_hf.transport.grpc_client import GrpcTransport
+from hss_ee_hf.transport.protos import hss_ee_pb2
 
 STAGE = "layers.0.qkv"
 

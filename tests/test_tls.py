@@ -22,21 +22,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hss_ee_hf.engine import StageEngine
-from hss_ee_hf.errors import TransportError
-from hss_ee_hf.grpc_transport import GrpcTransport
-from hss_ee_hf.security import (
-    TOKEN_ENV,
-    HSSEEClientConfig,
-    HSSEEServerSecurity,
-    SecurityConfigError,
+from hss_ee_hf.cli.args import (
     add_client_security_args,
     add_server_security_args,
     client_config_from_args,
     server_security_from_args,
 )
-from hss_ee_hf.server import start_server
-from hss_ee_hf.sharing import share
+from hss_ee_hf.errors import TransportError
+from hss_ee_hf.ring.sharing import share
+from hss_ee_hf.server.engine import StageEngine
+from hss_ee_hf.server.grpc_server import start_server
+from hss_ee_hf.server.security import HSSEEServerSecurity
+from hss_ee_hf.transport.config import TOKEN_ENV, HSSEEClientConfig, SecurityConfigError
+from hss_ee_hf.transport.grpc_client import GrpcTransport
 
 FINGERPRINT = "ab" * 32
 TOKEN = "s3cret-token-for-tests"

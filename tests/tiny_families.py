@@ -170,9 +170,9 @@ def convert_tiny_family(variant: str, root: Path, seed: int = 0):
 @contextmanager
 def connected(client_class, folder: Path, key: Path, transport: str) -> Iterator:
     """A client model of `client_class` on two share servers: `"in-process"` engines or real `"grpc"` servers."""
-    from hss_ee_hf.engine import StageEngine
-    from hss_ee_hf.server import start_server
-    from hss_ee_hf.transport import InProcessTransport
+    from hss_ee_hf.server.engine import StageEngine
+    from hss_ee_hf.server.grpc_server import start_server
+    from hss_ee_hf.transport.inprocess import InProcessTransport
 
     servers = []
     if transport == "in-process":

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import CheckpointError
-from .ring import RingConfig
+from ..errors import CheckpointError
+from ..ring.fixed_point import RingConfig
 
 FORMAT_VERSION = 1
 CLIENT_SHARD = "model-client.safetensors"

@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..errors import KeyFileError, KeyMismatchError
 from .checkpoint import FORMAT_VERSION, short
-from .errors import KeyFileError, KeyMismatchError
 
 KEY_KIND = "hss-ee-key"
 

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UnsupportedArchitectureError
-
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-GPT2_FAMILY = ("gpt2",)
-T5_FAMILY = ("t5",)
-VISION_FAMILY = ("resnet", "vit")
+# The one table of supported families: family -> the `model_type`s it covers. The EE specs, the stage layouts and
+# the CLI all read it, so a family is added in one place.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "llama": ("llama", "mistral", "qwen2"),
+    "gpt2": ("gpt2",),
+    "t5": ("t5",),
+    "resnet": ("resnet",),
+    "vit": ("vit",),
+}
+VISION_FAMILY = FAMILIES["resnet"] + FAMILIES["vit"]
 
 
 @dataclass(frozen=True)
@@ -55,53 +59,6 @@ class Stage:
     parts: tuple[StagePart, ...]
 
 
-def stage_layout(config) -> list[Stage]:
-    """All stages of a model, in the order a forward pass visits them.
-
-    Args:
-        config (`PretrainedConfig`): the EE checkpoint's config (`model_type` picks the family).
-
-    Raises:
-        `UnsupportedArchitectureError`: the family has no stage layout.
-    """
-    if config.model_type in LLAMA_FAMILY:
-        n = config.num_hidden_layers
-        stages = []
-        for i in range(n):
-            p = f"model.layers.{i}."
-            stages += [
-                Stage(f"layers.{i}.qkv", tuple(StagePart(p + f"self_attn.{x}_proj") for x in "qkv")),
-                Stage(f"layers.{i}.o", (StagePart(p + "self_attn.o_proj"),)),
-                Stage(f"layers.{i}.up", (StagePart(p + "mlp.gate_proj"), StagePart(p + "mlp.up_proj"))),
-                Stage(f"layers.{i}.down", (StagePart(p + "mlp.down_proj"),)),
-            ]
-        return stages + [Stage("lm_head", (StagePart("lm_head", permuted_output=True),))]
-    if config.model_type in GPT2_FAMILY:
-        n = config.num_hidden_layers
-        stages = []
-        for i in range(n):
-            p = f"transformer.h.{i}."
-            stages += [
-                Stage(f"layers.{i}.qkv", (StagePart(p + "attn.c_attn", kind="conv1d"),)),
-                Stage(f"layers.{i}.o", (StagePart(p + "attn.c_proj", kind="conv1d"),)),
-                Stage(f"layers.{i}.up", (StagePart(p + "mlp.c_fc", kind="conv1d"),)),
-                Stage(f"layers.{i}.down", (StagePart(p + "mlp.c_proj", kind="conv1d"),)),
-            ]
-        return stages + [Stage("lm_head", (StagePart("lm_head", permuted_output=True),))]
-    if config.model_type in T5_FAMILY:
-        from .ee_t5 import t5_stage_layout
-
-        return t5_stage_layout(config)
-    if config.model_type in VISION_FAMILY:
-        from .ee_vision import vision_stage_layout
-
-        return vision_stage_layout(config)
-    supported = LLAMA_FAMILY + GPT2_FAMILY + T5_FAMILY + VISION_FAMILY
-    raise UnsupportedArchitectureError(
-        f"no stage layout for model_type {config.model_type!r}; supported: {', '.join(supported)}"
-    )
-
-
 def stage_matrix(part: StagePart, tensor: torch.Tensor) -> torch.Tensor:
     """A part's checkpoint tensor as the `(out, in)` matrix the server multiplies by."""
     if part.kind == "conv1d":
@@ -109,8 +66,3 @@ def stage_matrix(part: StagePart, tensor: torch.Tensor) -> torch.Tensor:
     if part.kind == "conv2d":
         return tensor.reshape(tensor.shape[0], -1)
     return tensor
-
-
-def server_tensor_names(config) -> set[str]:
-    """Checkpoint tensors that live on the servers (every stage weight)."""
-    return {part.weight for stage in stage_layout(config) for part in stage.parts}

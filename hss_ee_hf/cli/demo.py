@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HSSEEError, TransportError
+from ..errors import HSSEEError, TransportError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = (
@@ -58,8 +58,8 @@ def free_port() -> int:
 
 def ensure_converted(cache_dir: Path, reconvert: bool = False) -> tuple[Path, Path]:
     """The cached demo EE checkpoint and key, converting when missing or mismatched."""
-    from .checkpoint import HSSEECheckpointInfo
-    from .key import EEKey
+    from ..artifacts.checkpoint import HSSEECheckpointInfo
+    from ..artifacts.key import EEKey
 
     out, key = cache_dir / "smollm2-135m-instruct-ee", cache_dir / "smollm2-135m-instruct.hss-ee-key"
     if not reconvert and out.exists() and key.exists():
@@ -86,8 +86,8 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
         timeout (`float`, *optional*): seconds to wait for them to answer.
         extra_args (`list[str]`, *optional*): more `hss-ee serve` flags (e.g. `["--device", "cuda"]`).
     """
-    from .grpc_transport import GrpcTransport
-    from .security import HSSEEClientConfig
+    from ..transport.config import HSSEEClientConfig
+    from ..transport.grpc_client import GrpcTransport
 
     procs, endpoints, logs = [], [], []
     try:
@@ -152,7 +152,7 @@ def run_demo(max_new_tokens: int = 32, cache_dir: str | None = None, reconvert: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .modeling import HSSEEForCausalLM
+    from ..client.modeling import HSSEEForCausalLM
 
     hf_logging.set_verbosity_error()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 
-from .commands import Command
-from .errors import CheckpointError, HSSEEError, InputFileError
-from .stages import VISION_FAMILY
+from ..artifacts.stages import VISION_FAMILY
+from ..errors import CheckpointError, HSSEEError, InputFileError
+from .base import Command
 
 logger = logging.getLogger("hss_ee_hf")
 
@@ -52,7 +52,7 @@ class ConvertCommand(Command):
     def run(self, args):
         from hss_ee_conversion import convert
 
-        from .ring import RingConfig
+        from ..ring.fixed_point import RingConfig
 
         result = convert(
             args.src,
@@ -75,7 +75,7 @@ class ConvertCommand(Command):
             print(f"equivariance:  max |dlogit| = {result.max_abs_logit_diff:.3g} (relative {rel:.3g})")
         print(f"time:          {result.seconds:.1f} s")
         if args.push_to_hub:
-            from .push import push_to_hub
+            from ..hub.upload import push_to_hub
 
             url = push_to_hub(result.output, args.push_to_hub, private=args.private)
             print(f"pushed:        {url}")
@@ -128,16 +128,16 @@ class ServeCommand(Command):
             "(three 22-bit limbs through float64 GEMM), or auto: native when it builds (default: $HSS_EE_KERNEL "
             "or auto)",
         )
-        from .security import add_server_security_args
+        from .args import add_server_security_args
 
         add_server_security_args(p)
 
     def run(self, args):
         import torch
 
-        from .hub import resolve_server_files
-        from .security import server_security_from_args
-        from .server import serve
+        from ..hub.download import resolve_server_files
+        from ..server.grpc_server import serve
+        from .args import server_security_from_args
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -185,7 +185,7 @@ class GenerateCommand(Command):
             action="store_true",
             help="Freivalds-check every server reply so a cheating server is detected and named (needs the weights)",
         )
-        from .security import add_client_security_args
+        from .args import add_client_security_args
 
         add_client_security_args(p)
 
@@ -193,9 +193,9 @@ class GenerateCommand(Command):
         import torch
         from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
-        from .hub import resolve_client_files
-        from .modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration
-        from .security import client_config_from_args
+        from ..client.modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration
+        from ..hub.download import resolve_client_files
+        from .args import client_config_from_args
 
         folder = resolve_client_files(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
         config = AutoConfig.from_pretrained(folder)
@@ -247,16 +247,16 @@ class ClassifyCommand(Command):
         p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
         p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
-        from .security import add_client_security_args
+        from .args import add_client_security_args
 
         add_client_security_args(p)
 
     def run(self, args):
         from pathlib import Path
 
-        from .image_pipeline import HSSEEImageClassificationPipeline
-        from .modeling import HSSEEForImageClassification
-        from .security import client_config_from_args
+        from ..client.modeling import HSSEEForImageClassification
+        from ..pipelines.image_classification import HSSEEImageClassificationPipeline
+        from .args import client_config_from_args
 
         missing = [image for image in args.images if not Path(image).is_file()]
         if missing:

@@ -41,10 +41,11 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
-from .errors import CheckpointError, KeyFileError
-from .key import EEKey
+from ..artifacts.key import EEKey
+from ..errors import CheckpointError, KeyFileError
+from ..transport.base import Transport
+from .config import HSSEEConfig
 from .modeling import HSSEEForCausalLM, HSSEEPreTrainedModel
-from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -60,54 +61,6 @@ _FRAMEWORK_KWARGS = (
     "device_map",
     "low_cpu_mem_usage",
 )
-
-
-class HSSEEConfig(PreTrainedConfig):
-    r"""Client configuration: which EE checkpoint to load and which two share servers compute its linear layers.
-
-    It is what `AutoConfig` returns for a folder whose `config.json` says `"model_type": "hss_ee"` (a *client
-    folder*, written with `save_pretrained`), and what `AutoModelForCausalLM` maps to the HSS-EE client. The secret
-    key is never part of it: pass `key=` when loading.
-
-    Args:
-        checkpoint (`str`, *optional*): the EE checkpoint, a local folder (absolute, or relative to the current
-            directory) or a Hub repo id. When unset, the path given to `from_pretrained` is the checkpoint.
-        endpoints (`list[str]`, *optional*): `host:port` of share server A and share server B.
-        timeout (`float`, *optional*, defaults to 60.0): per-call deadline in seconds for gRPC.
-        max_rows (`int`, *optional*, defaults to 4096): the most rows the client sends in one request.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoModelForCausalLM
-    >>> from hss_ee_hf import HSSEEConfig
-    >>> config = HSSEEConfig(checkpoint="smollm2-ee", endpoints=["10.0.0.1:50051", "10.0.0.2:50051"])
-    >>> model = AutoModelForCausalLM.from_config(config, key="smollm2.hss-ee-key")
-    ```
-    """
-
-    model_type = "hss_ee"
-
-    checkpoint: str | None = None
-    endpoints: list[str] | None = None
-    timeout: float = 60.0
-    max_rows: int = 4096
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint = os.fspath(self.checkpoint)
-        if self.endpoints is not None:
-            if isinstance(self.endpoints, str) or len(self.endpoints) != 2:
-                raise ValueError(
-                    "HSSEEConfig.endpoints must be two 'host:port' strings (server A, server B), "
-                    f"got {self.endpoints!r}"
-                )
-            self.endpoints = [str(e) for e in self.endpoints]
-        if not self.timeout > 0:
-            raise ValueError(f"HSSEEConfig.timeout must be positive seconds, got {self.timeout!r}")
-        if not (isinstance(self.max_rows, int) and self.max_rows > 0):
-            raise ValueError(f"HSSEEConfig.max_rows must be a positive integer, got {self.max_rows!r}")
-        super().__post_init__(**kwargs)
 
 
 def load_client(
@@ -132,7 +85,8 @@ def load_client(
             other config is ignored: the checkpoint's own `config.json` is authoritative).
         endpoints (`tuple[str, str]`, *optional*): `host:port` of share servers A and B; overrides `config.endpoints`.
         transport (`Transport`, *optional*): a ready transport instead of endpoints (e.g. `InProcessTransport`).
-        timeout (`float`, *optional*): gRPC deadline per call; overrides `config.timeout`.
+        timeout (`float`, *optional*): deadline per call; overrides `config.timeout`, and both override
+            `client_config.timeout` (which applies when neither is set).
         max_rows (`int`, *optional*): rows per request; overrides `config.max_rows`.
         client_class (`type`, *optional*, defaults to [`HSSEEForCausalLM`]): the client class of the task
             ([`HSSEEForConditionalGeneration`], [`HSSEEForImageClassification`]).
@@ -188,7 +142,7 @@ def load_client(
         key=key,
         endpoints=endpoints,
         transport=transport,
-        timeout=60.0 if timeout is None else timeout,
+        timeout=timeout,
         max_rows=4096 if max_rows is None else max_rows,
         **kwargs,
     )

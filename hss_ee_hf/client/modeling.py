@@ -31,15 +31,15 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
 )
 
-from .checkpoint import HSSEECheckpointInfo, short
-from .errors import CheckpointError, HSSEEError
-from .hub import resolve_client_files, resolve_server_files
-from .key import EEKey
-from .protocol import StageClient
+from ..artifacts.checkpoint import HSSEECheckpointInfo, short
+from ..artifacts.key import EEKey
+from ..artifacts.layouts import stage_layout
+from ..errors import CheckpointError, HSSEEError
+from ..hub.download import resolve_client_files, resolve_server_files
+from ..transport.base import Transport
+from ..transport.config import HSSEEClientConfig
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
-from .security import HSSEEClientConfig
-from .stages import stage_layout
-from .transport import Transport
+from .stage_client import StageClient
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _make_transport(endpoints, transport: Transport | None, timeout: float | Non
         return transport
     if endpoints is None or len(endpoints) != 2:
         raise ValueError('pass endpoints=("hostA:port", "hostB:port") (two share servers) or a transport')
-    from .grpc_transport import GrpcTransport
+    from ..transport.grpc_client import GrpcTransport
 
     return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
 
@@ -144,7 +144,7 @@ class HSSEEPreTrainedModel:
         transport = _make_transport(endpoints, transport, timeout, client_config)
         try:
             if verify:
-                from .integrity import FreivaldsVerifier, VerifyingTransport
+                from .verifier import FreivaldsVerifier, VerifyingTransport
 
                 weights = resolve_server_files(
                     pretrained_model_name_or_path,

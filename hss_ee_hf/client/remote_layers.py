@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .protocol import StageClient
+from .stage_client import StageClient
 
 
 class FusedStage:

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import HSSEECheckpointInfo
-from .errors import CheckpointError, TransportError
-from .ring import decode_output, encode
-from .sharing import Shares, mask_for, reconstruct, share, share_with
-from .transport import Transport
+from ..artifacts.checkpoint import HSSEECheckpointInfo
+from ..errors import CheckpointError, TransportError
+from ..ring.fixed_point import decode_output, encode
+from ..ring.sharing import Shares, mask_for, reconstruct, share, share_with
+from ..transport.base import Transport
 
 logger = logging.getLogger(__name__)
 PRECOMPUTE_MAX_ROWS = 16

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterable
 
@@ -33,22 +32,20 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from .checkpoint import HSSEECheckpointInfo
-from .csprng import ChaChaStream
-from .errors import StageError, TransportError
-from .sharing import Shares
-from .transport import Transport
+from ..artifacts.checkpoint import HSSEECheckpointInfo
+from ..artifacts.weights import iter_stage_weights
+from ..errors import StageError, TransportError
+from ..ring.csprng import ChaChaStream
+from ..ring.limbs import LIMB16_BITS, MAX_EXACT_INNER16, N_LIMBS16, binary_matmul_nt, ring_matmul_nt, to_limbs
+from ..ring.sharing import Shares
+from ..transport.base import Transport
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECK_ROWS = 40
-_LIMB_BITS = 16
-_N_LIMBS = 64 // _LIMB_BITS
-_LIMB_MASK = (1 << _LIMB_BITS) - 1
 # Partial sums must stay exact in float64 (< 2^53): R·limbs(y) sums out words of < 2^16, limbs(U)·limbs(x)
 # sums in products of < 2^32; U = R·W_int itself sums out weights of < 2^15.
 _MAX_EXACT_OUT = 1 << 37
-_MAX_EXACT_IN = 1 << 21
 # Rows of x or y expanded to float64 limbs at once (bounds the client's extra memory).
 _CHUNK_ELEMENTS = 1 << 22
 # Up to about this many rows the int64 product beats the limb GEMMs (measured on a 2-core VM, one thread).
@@ -64,55 +61,6 @@ class CheatingServerError(TransportError):
         endpoint (`str`): the server whose share failed.
         message (`str`): which stage failed and what to do.
     """
-
-
-def _limbs(x: torch.Tensor) -> torch.Tensor:
-    """`(n, k)` int64 ring elements -> `(N_LIMBS, n, k)` float64 unsigned 16-bit limbs, least significant first."""
-    if sys.byteorder == "little":  # the four uint16 words of an int64, read in place
-        return x.contiguous().view(torch.uint16).view(*x.shape, _N_LIMBS).permute(2, 0, 1).to(torch.float64)
-    return torch.stack([(x >> (_LIMB_BITS * i)) & _LIMB_MASK for i in range(_N_LIMBS)]).to(torch.float64)
-
-
-def _recombine(partial: torch.Tensor) -> torch.Tensor:
-    """`(N_LIMBS, ...)` exact integer partials (as float64) of limb `i` -> `sum_i partial_i << 16 i mod 2^64`."""
-    parts = partial.to(torch.int64)
-    out = parts[0].clone()
-    for i in range(1, _N_LIMBS):
-        out += parts[i] << (_LIMB_BITS * i)  # wraps mod 2^64, as the ring requires
-    return out
-
-
-def ring_matmul_nt(a_limbs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact `a · bᵀ mod 2^64` for `a` given as limbs `(N_LIMBS, m, k)` and `b` an `(n, k)` int64 tensor.
-
-    Args:
-        a_limbs (`torch.Tensor`): `_limbs(a)` of an `(m, k)` int64 tensor (precomputed once).
-        b (`torch.Tensor`): `(n, k)` int64.
-
-    Returns:
-        `(m, n)` int64, the ring product.
-    """
-    n_limbs, m, k = a_limbs.shape
-    if k >= _MAX_EXACT_IN:
-        raise ValueError(f"inner dimension {k} exceeds the exactness bound {_MAX_EXACT_IN}")
-    b_limbs = _limbs(b)  # (4, n, k)
-    n = b.shape[0]
-    # One GEMM for all limb pairs: (4m, k) @ (k, 4n); every entry < 2^16 * 2^16 * k < 2^53 is exact.
-    grid = (a_limbs.reshape(n_limbs * m, k) @ b_limbs.reshape(n_limbs * n, k).T).to(torch.int64)
-    grid = grid.view(n_limbs, m, n_limbs, n)
-    out = torch.zeros((m, n), dtype=torch.int64)
-    for i in range(n_limbs):
-        for j in range(n_limbs - i):  # pairs with i + j >= 4 carry a factor 2^64: zero in the ring
-            out += grid[i, :, j, :] << (_LIMB_BITS * (i + j))  # wraps mod 2^64
-    return out
-
-
-def _binary_matmul_nt(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Exact `r · yᵀ mod 2^64` for `r` an `(t, out)` 0/1 float64 matrix and `y` an `(n, out)` int64 tensor."""
-    y_limbs = _limbs(y)  # (4, n, out)
-    n = y.shape[0]
-    partial = (r @ y_limbs.reshape(_N_LIMBS * n, -1).T).view(-1, _N_LIMBS, n)  # (t, 4, n), each < out * 2^16
-    return _recombine(partial.permute(1, 0, 2))
 
 
 class FreivaldsVerifier:
@@ -154,7 +102,7 @@ class FreivaldsVerifier:
         self.seconds = 0.0
         for name, w_int in weights:
             out_f, in_f = w_int.shape
-            if out_f >= _MAX_EXACT_OUT or in_f >= _MAX_EXACT_IN:
+            if out_f >= _MAX_EXACT_OUT or in_f >= MAX_EXACT_INNER16:
                 raise ValueError(f"stage {name} of shape {tuple(w_int.shape)} exceeds the exact-check bounds")
             if w_int.numel() and w_int.abs().max().item() >= 1 << 15:
                 raise ValueError(f"stage {name}: integer weights must be below 2^15 in magnitude")
@@ -187,8 +135,6 @@ class FreivaldsVerifier:
         Raises:
             `CheckpointError`: the folder is not an EE checkpoint or lacks stage weights.
         """
-        from .engine import iter_stage_weights  # the server's loader: one stage in memory at a time
-
         info = HSSEECheckpointInfo.from_folder(folder)
         config = AutoConfig.from_pretrained(folder)
         weights = ((stage.name, w_int) for stage, w_int, _ in iter_stage_weights(folder, config, info.ring, progress))
@@ -200,13 +146,13 @@ class FreivaldsVerifier:
             return self._r[stage].to(torch.int64) @ y_share.T, self._u[stage] @ x_share.T  # wrap = mod 2^64
         u_limbs = self._u_limbs.get(stage)
         if u_limbs is None:
-            u_limbs = self._u_limbs[stage] = _limbs(self._u[stage]).to(torch.float32)
+            u_limbs = self._u_limbs[stage] = to_limbs(self._u[stage], LIMB16_BITS).to(torch.float32)
         r, u_limbs = self._r[stage].to(torch.float64), u_limbs.to(torch.float64)
         in_f, out_f = self.dims[stage]
-        step = max(1, _CHUNK_ELEMENTS // (_N_LIMBS * max(in_f, out_f)))
+        step = max(1, _CHUNK_ELEMENTS // (N_LIMBS16 * max(in_f, out_f)))
         lhs, rhs = [], []
         for i in range(0, x_share.shape[0], step):
-            lhs.append(_binary_matmul_nt(r, y_share[i : i + step]))
+            lhs.append(binary_matmul_nt(r, y_share[i : i + step]))
             rhs.append(ring_matmul_nt(u_limbs, x_share[i : i + step]))
         return torch.cat(lhs, dim=1), torch.cat(rhs, dim=1)
 

@@ -6,10 +6,11 @@ each have an [`EESpec`]; the stage layouts the servers compute are in [`hss_ee_h
 
 from __future__ import annotations
 
-from .ee_specs import EESpec, GPT2Spec, LlamaFamilySpec
-from .ee_t5 import T5Spec
-from .ee_vision import ResNetSpec, ViTSpec
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
+from .resnet import ResNetSpec
+from .specs import EESpec, GPT2Spec, LlamaFamilySpec
+from .t5 import T5Spec
+from .vit import ViTSpec
 
 SPECS: tuple[type[EESpec], ...] = (LlamaFamilySpec, GPT2Spec, T5Spec, ResNetSpec, ViTSpec)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for spec in SPECS for a in spec.architectures)

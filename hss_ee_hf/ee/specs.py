@@ -14,9 +14,10 @@ from typing import ClassVar
 
 import torch
 
-from .csprng import ChaChaStream
-from .ee_math import AttentionTransform, MLPTransform, orthogonal_fixing_ones
-from .errors import ConversionError, UnsupportedArchitectureError
+from ..artifacts.stages import FAMILIES
+from ..errors import ConversionError, UnsupportedArchitectureError
+from ..ring.csprng import ChaChaStream
+from .transforms import AttentionTransform, MLPTransform, orthogonal_fixing_ones
 
 VOCAB_BLOCK_ROWS = 4096
 
@@ -137,7 +138,7 @@ def _layer(name: str) -> int:
 class LlamaFamilySpec(EESpec):
     """Llama, Mistral and Qwen2: RMSNorm, rotary embeddings, GQA, SwiGLU, optional q/k/v biases."""
 
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = FAMILIES["llama"]
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
     def __init__(self, config, rng: ChaChaStream):
@@ -203,7 +204,7 @@ class LlamaFamilySpec(EESpec):
 class GPT2Spec(EESpec):
     """GPT-2: LayerNorm (rotation fixes the ones vector), `Conv1D` weights, learned positions, GELU MLP."""
 
-    model_types = ("gpt2",)
+    model_types = FAMILIES["gpt2"]
     architectures = ("GPT2LMHeadModel",)
 
     def __init__(self, config, rng: ChaChaStream):

@@ -20,11 +20,11 @@ import re
 
 import torch
 
-from .csprng import ChaChaStream
-from .ee_math import AttentionTransform, MLPTransform
-from .ee_specs import EESpec
-from .errors import ConversionError
-from .stages import Stage, StagePart
+from ..artifacts.stages import FAMILIES
+from ..errors import ConversionError
+from ..ring.csprng import ChaChaStream
+from .specs import EESpec
+from .transforms import AttentionTransform, MLPTransform
 
 _EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # A legacy key: some old checkpoints store a relative bias for the cross-attention, which HF ignores on load.
@@ -40,7 +40,7 @@ class T5Spec(EESpec):
         rng (`ChaChaStream`): the converter's secret randomness.
     """
 
-    model_types = ("t5",)
+    model_types = FAMILIES["t5"]
     architectures = ("T5ForConditionalGeneration",)
     auto_class = "AutoModelForSeq2SeqLM"
 
@@ -165,38 +165,3 @@ class T5Spec(EESpec):
             gamma = small[f"{stack}.block.{layer}.layer.{1 if cross else 0}.layer_norm.weight"]
         read = self.input_side(w, gamma)
         return {"q.weight": attn.query, "k.weight": attn.key, "v.weight": attn.value}[part](read)
-
-
-def t5_stage_layout(config) -> list[Stage]:
-    """All linear stages of a `T5ForConditionalGeneration`, in the order a forward pass visits them.
-
-    The encoder runs once per input; during generation the decoder's `cross_kv` stages run only at the first step
-    (HF caches the cross-attention keys and values), the other decoder stages and `lm_head` at every step.
-
-    Args:
-        config (`T5Config`): the EE checkpoint's config.
-    """
-    ff = ("wi_0", "wi_1") if config.is_gated_act else ("wi",)
-    n_decoder = config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
-    stages = []
-    for i in range(config.num_layers):
-        attn, mlp = f"encoder.block.{i}.layer.0.SelfAttention.", f"encoder.block.{i}.layer.1.DenseReluDense."
-        stages += [
-            Stage(f"encoder.{i}.qkv", tuple(StagePart(attn + x) for x in "qkv")),
-            Stage(f"encoder.{i}.o", (StagePart(attn + "o"),)),
-            Stage(f"encoder.{i}.up", tuple(StagePart(mlp + x) for x in ff)),
-            Stage(f"encoder.{i}.down", (StagePart(mlp + "wo"),)),
-        ]
-    for i in range(n_decoder):
-        p = f"decoder.block.{i}.layer."
-        attn, cross, mlp = p + "0.SelfAttention.", p + "1.EncDecAttention.", p + "2.DenseReluDense."
-        stages += [
-            Stage(f"decoder.{i}.qkv", tuple(StagePart(attn + x) for x in "qkv")),
-            Stage(f"decoder.{i}.o", (StagePart(attn + "o"),)),
-            Stage(f"decoder.{i}.cross_q", (StagePart(cross + "q"),)),
-            Stage(f"decoder.{i}.cross_kv", (StagePart(cross + "k"), StagePart(cross + "v"))),
-            Stage(f"decoder.{i}.cross_o", (StagePart(cross + "o"),)),
-            Stage(f"decoder.{i}.up", tuple(StagePart(mlp + x) for x in ff)),
-            Stage(f"decoder.{i}.down", (StagePart(mlp + "wo"),)),
-        ]
-    return stages + [Stage("lm_head", (StagePart("lm_head", permuted_output=True),))]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .csprng import ChaChaStream
+from ..ring.csprng import ChaChaStream
 
 # Positive scalings are drawn log-uniformly from [1 / SCALE_SPREAD, SCALE_SPREAD].
 SCALE_SPREAD = 2.0

@@ -29,8 +29,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import REGEX_COMMIT_HASH
 
-from .checkpoint import CLIENT_SHARD, INDEX_FILE, SCALES_FILE, HSSEECheckpointInfo
-from .errors import CheckpointError
+from ..artifacts.checkpoint import CLIENT_SHARD, INDEX_FILE, SCALES_FILE, HSSEECheckpointInfo
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

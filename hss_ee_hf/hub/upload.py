@@ -9,47 +9,26 @@ the repo and uploads exactly that list in one commit through `HfApi`.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import importlib.metadata
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub.utils import validate_repo_id
 
-from .checkpoint import CONFIG_KEY, INDEX_FILE, HSSEECheckpointInfo
-from .commands import Command
-from .errors import CheckpointError, HSSEEError
-from .hub import CHAT_TEMPLATE_PATTERN, CLIENT_PATTERNS, TOKENIZER_FILES, is_offline
-from .key import KEY_KIND
+from ..artifacts.checkpoint import INDEX_FILE, HSSEECheckpointInfo
+from ..artifacts.key import KEY_KIND
+from ..errors import CheckpointError, HubUploadError, PushRefusedError
+from .download import CHAT_TEMPLATE_PATTERN, TOKENIZER_FILES, is_offline
+from .model_card import LIBRARY_NAME, README, _version, render_card
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_NAME = "hss-ee-hf"
-README = "README.md"
-TEMPLATE_NAME = "ee_model_card.md"
-CARD_TAGS = ("hss-ee", "private-inference", "secret-sharing", "equivariant-encryption")
 _MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on the JSON header
-CARD_TASKS = {"t5": "text2text-generation", "resnet": "image-classification", "vit": "image-classification"}
-"""The Hub `pipeline_tag` (and the card's usage section) per model_type; decoder LLMs are `text-generation`."""
-
-
-class PushRefusedError(HSSEEError, ValueError):
-    """A push was refused before anything was uploaded.
-
-    Raised when the folder holds a secret key or something that looks like one, or a file that is not part of an
-    EE checkpoint, or when the model card cannot be rendered from the given arguments.
-    """
-
-
-class HubUploadError(HSSEEError, OSError):
-    """The Hub refused or could not receive the upload (network, permissions, offline mode)."""
 
 
 @dataclass(frozen=True)
@@ -225,85 +204,6 @@ def checkpoint_files(folder: str | os.PathLike) -> tuple[dict[str, Path], HSSEEC
     return files, info, weight_map
 
 
-def _template_path(template: str | os.PathLike | None) -> Path:
-    if template is not None:
-        path = Path(template).expanduser()
-        if not path.is_file():
-            raise PushRefusedError(f"model card template {path} does not exist")
-        return path
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "model_cards" / TEMPLATE_NAME, here.parent / "model_cards" / TEMPLATE_NAME):
-        if candidate.is_file():
-            return candidate
-    raise PushRefusedError(
-        f"the model card template {TEMPLATE_NAME} is not installed with hss-ee-hf; pass template= (--template) "
-        "with a path to model_cards/ee_model_card.md from the hss-ee-hf sources"
-    )
-
-
-def _base_card_license(base_model: str) -> dict[str, str]:
-    """`license`, `license_name`, `license_link` from the base model's card if it is in the local Hub cache."""
-    path = try_to_load_from_cache(base_model, README)
-    if not isinstance(path, str):
-        return {}
-    try:
-        data = ModelCard.load(path, ignore_metadata_errors=True).data
-    except (OSError, ValueError) as err:
-        logger.info("could not read the license from the cached card of %s: %s", base_model, err)
-        return {}
-    fields = ("license", "license_name", "license_link")
-    return {k: getattr(data, k) for k in fields if isinstance(getattr(data, k, None), str)}
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version(LIBRARY_NAME)
-    except importlib.metadata.PackageNotFoundError:
-        return "(development)"
-
-
-def render_model_card(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    base_model: str | None = None,
-    license: str | None = None,
-    revision: str | None = None,
-    template: str | os.PathLike | None = None,
-) -> str:
-    """Renders the `README.md` model card of an EE checkpoint from the template.
-
-    The YAML metadata carries `library_name: hss-ee-hf`, the `hss-ee` tags, `pipeline_tag`, and `base_model` and
-    `license` when known. `base_model` comes from the argument, else from the `hss_ee` block's optional
-    `base_model` field. `license` comes from the argument, else from the block's optional `license` field, else
-    from the base model's card when it is in the local Hub cache (no network call).
-
-    Args:
-        folder (`str` or `os.PathLike`): the EE checkpoint folder.
-        repo_id (`str`): the repo the card is for (used in the usage examples).
-        base_model (`str`, *optional*): Hub id of the original model.
-        license (`str`, *optional*): license identifier (e.g. `"apache-2.0"`).
-        revision (`str`, *optional*): the branch the checkpoint is pushed to (used in the usage examples).
-        template (`str` or `os.PathLike`, *optional*): a Jinja template instead of `model_cards/ee_model_card.md`.
-
-    Returns:
-        `str`: the card, front matter included.
-
-    Raises:
-        `PushRefusedError`: a bad `base_model`, or a template that drops the metadata.
-        `CheckpointError`: the folder is not a complete EE checkpoint.
-
-    Example:
-
-    ```python
-    >>> card = render_model_card("smollm2-ee", "me/smollm2-ee", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    >>> ModelCard(card).data.library_name
-    'hss-ee-hf'
-    ```
-    """
-    return _plan(folder, repo_id, base_model, license, revision, template).model_card
-
-
 def _plan(folder, repo_id, base_model, license, revision, template) -> PushPlan:
     try:
         validate_repo_id(repo_id)
@@ -312,63 +212,7 @@ def _plan(folder, repo_id, base_model, license, revision, template) -> PushPlan:
     files, info, weight_map = checkpoint_files(folder)
     folder = Path(folder).expanduser().resolve()
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    block = config.get(CONFIG_KEY) or {}
-    base_model = base_model or block.get("base_model")
-    if base_model is not None:
-        try:
-            validate_repo_id(base_model)
-        except HFValidationError as err:
-            raise PushRefusedError(f"base_model {base_model!r} is not a Hub repo id: {err}") from err
-    licensing: dict[str, str] = {}
-    if license is not None:
-        licensing["license"] = license
-    elif isinstance(block.get("license"), str):
-        licensing["license"] = block["license"]
-    elif base_model is not None:
-        licensing = _base_card_license(base_model)
-    model_type = config.get("model_type", "unknown")
-    task = CARD_TASKS.get(model_type, "text-generation")
-    card_data = ModelCardData(
-        library_name=LIBRARY_NAME,
-        tags=[*CARD_TAGS, model_type],
-        base_model=base_model,
-        pipeline_tag=task,
-        **licensing,
-    )
-    server_files = ["config.json", INDEX_FILE, *sorted(set(weight_map.values()) - {info.client_shard})]
-    client_files = sorted(filter_repo_objects(files, allow_patterns=CLIENT_PATTERNS))
-
-    def pick(*names: str) -> Any:
-        return next((config[n] for n in names if n in config), "?")
-
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(_template_path(template)),
-        model_name=repo_id.split("/")[-1],
-        repo_id=repo_id,
-        revision=revision if revision and not revision.startswith("refs/") else None,
-        base_model=base_model,
-        architecture=(config.get("architectures") or ["?"])[0],
-        model_type=model_type,
-        task=task,
-        num_layers=pick("num_hidden_layers", "n_layer", "num_layers", "depths"),
-        hidden_size=pick("hidden_size", "n_embd", "d_model", "hidden_sizes"),
-        vocab_size=len(config.get("id2label") or {}) or "?" if task == "image-classification" else pick("vocab_size"),
-        fingerprint=info.fingerprint,
-        format_version=info.format_version,
-        frac_bits=info.ring.frac_bits,
-        weight_bits=info.ring.weight_bits,
-        client_files=client_files,
-        server_files=server_files,
-        hss_ee_version=_version(),
-    )
-    text = str(card)
-    try:
-        parsed = ModelCard(text).data
-    except ValueError as err:
-        raise PushRefusedError(f"the rendered model card has invalid YAML metadata: {err}") from err
-    if parsed.library_name != LIBRARY_NAME:
-        raise PushRefusedError("the model card template must start with `---\\n{{ card_data }}\\n---`")
+    text = render_card(folder, repo_id, config, info, weight_map, files, base_model, license, revision, template)
     return PushPlan(
         folder=folder,
         repo_id=repo_id,
@@ -488,50 +332,3 @@ def push_to_hub(
             f"pushing to {repo_id} failed: {err}. Check the repo id, that your token has write access "
             "(`hf auth login` or HF_TOKEN), and the network; no commit was made"
         ) from err
-
-
-class PushCommand(Command):
-    """`hss-ee push CHECKPOINT REPO_ID`: upload an EE checkpoint folder (never the key) with a model card."""
-
-    name = "push"
-    help = "Upload an EE checkpoint folder to the Hub with a generated model card (never the secret key)."
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("checkpoint", help="the EE checkpoint folder written by `hss-ee convert`")
-        p.add_argument("repo_id", help="the Hub repo to push to, e.g. me/smollm2-ee (created if missing)")
-        p.add_argument("--private", action="store_true", help="create the repo private")
-        p.add_argument("--revision", help="branch to push to (created from main if missing)")
-        p.add_argument(
-            "--token",
-            help="Hub token with write access (default: HF_TOKEN or `hf auth login`; a flag is visible to `ps`)",
-        )
-        p.add_argument("--commit-message", help="commit message (default: 'Upload EE checkpoint <fingerprint>')")
-        p.add_argument("--base-model", help="Hub id of the original model, for the card (default: from config.json)")
-        p.add_argument("--license", help="license for the card, e.g. apache-2.0 (default: the base model's)")
-        p.add_argument("--template", help="a model card template instead of the bundled one")
-        p.add_argument(
-            "--dry-run", action="store_true", help="check the folder and print the files and the card; upload nothing"
-        )
-
-    def run(self, args: argparse.Namespace) -> int:
-        options = dict(base_model=args.base_model, license=args.license, revision=args.revision)
-        if args.dry_run:
-            plan = plan_push(args.checkpoint, args.repo_id, template=args.template, **options)
-            print(f"would push to {args.repo_id}:")
-            for rel in plan.paths_in_repo:
-                print(f"  {rel}")
-            print()
-            print(plan.model_card)
-            return 0
-        result = push_to_hub(
-            args.checkpoint,
-            args.repo_id,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-            template=args.template,
-            **options,
-        )
-        print(f"pushed: {getattr(result, 'commit_url', None) or args.repo_id}")
-        print("the secret key was not uploaded; keep it off the servers")
-        return 0

@@ -12,8 +12,8 @@ from transformers import AutoImageProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_classification import ImageClassificationPipeline
 
-from .modeling import HSSEEForImageClassification
-from .pipelines import HSSEEClientReference, HSSEEPipelineMixin
+from ..client.modeling import HSSEEForImageClassification
+from .base import HSSEEClientReference, HSSEEPipelineMixin
 
 TASK = "hss-ee-image-classification"
 
@@ -29,7 +29,12 @@ class HSSEEImageClassificationPipeline(HSSEEPipelineMixin, ImageClassificationPi
         key (`EEKey` or path, *optional*): the secret key written by `hss-ee convert`.
         endpoints (`tuple[str, str]`, *optional*): `host:port` of share servers A and B.
         transport (`Transport`, *optional*): a ready transport instead of `endpoints`.
-        timeout (`float`, *optional*): gRPC deadline per call in seconds.
+        timeout (`float`, *optional*): deadline per call in seconds (default: `client_config.timeout`).
+        client_config (`HSSEEClientConfig`, *optional*): TLS / mutual TLS, bearer token, deadline and retries of the
+            connections to the share servers.
+        verify (`bool`, *optional*): Freivalds-check every returned share (`CheatingServerError` names a cheating
+            server); `verify_rows` sets the secret check rows.
+        precompute (`bool`, *optional*): prepare party A's products ahead of time (default `True`).
         max_rows (`int`, *optional*): the most rows sent in one request.
         image_processor (`BaseImageProcessor`, *optional*): defaults to the EE checkpoint's image processor.
         kwargs: the other arguments of transformers' `ImageClassificationPipeline` (`top_k`, `function_to_apply`).

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 
-from .modeling import HSSEEForConditionalGeneration
-from .pipelines import HSSEEClientReference, HSSEEPipelineMixin
+from ..client.modeling import HSSEEForConditionalGeneration
+from .base import HSSEEClientReference, HSSEEPipelineMixin
 
 TASK = "hss-ee-text2text-generation"
 
@@ -33,7 +33,12 @@ class HSSEEText2TextGenerationPipeline(HSSEEPipelineMixin, Pipeline):
         key (`EEKey` or path, *optional*): the secret key written by `hss-ee convert`.
         endpoints (`tuple[str, str]`, *optional*): `host:port` of share servers A and B.
         transport (`Transport`, *optional*): a ready transport instead of `endpoints`.
-        timeout (`float`, *optional*): gRPC deadline per call in seconds.
+        timeout (`float`, *optional*): deadline per call in seconds (default: `client_config.timeout`).
+        client_config (`HSSEEClientConfig`, *optional*): TLS / mutual TLS, bearer token, deadline and retries of the
+            connections to the share servers.
+        verify (`bool`, *optional*): Freivalds-check every returned share (`CheatingServerError` names a cheating
+            server); `verify_rows` sets the secret check rows.
+        precompute (`bool`, *optional*): prepare party A's products ahead of time (default `True`).
         max_rows (`int`, *optional*): the most rows sent in one request.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): defaults to the EE checkpoint's tokenizer.
         kwargs: the other arguments of transformers' `Pipeline` (generation defaults such as `max_new_tokens`).

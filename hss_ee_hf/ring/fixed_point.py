@@ -5,20 +5,7 @@ Activations are encoded as `round(x * 2^f)`; weights as symmetric per-output-cha
 `W_int = round(W / s)` with public scales `s`. A server computes `x_i @ W_int.T mod 2^64` on its
 share `x_i`; the client adds the two output shares and decodes with `s * 2^-f`.
 
-Three kernels compute the ring product:
-
-* [`ring_matmul_reference`]: plain `int64` matrix product (the definition).
-* The native kernel ([`hss_ee_hf.native`], used by [`RingWeight`] on CPU when a C compiler is
-  present): the weight is held as 2-byte integers and multiplied into the 64-bit shares with AVX2,
-  wrapping mod 2^64 (`ring_kernel.c` explains why that is exact). It reads a quarter of the bytes
-  of the float64 kernel, which is what a memory-bound decode step pays for.
-* The float64 kernel (CUDA, or CPU without a compiler): each 64-bit share is split into three
-  unsigned 22-bit limbs multiplied with the weight held once as float64. Every partial sum is an
-  integer of magnitude below `2^22 * 2^15 * in_features <= 2^53` (in_features < 2^16), so float64
-  accumulates it exactly in any order, and the limbs are recombined with wrapping `int64` shifts
-  (bits shifted past 2^64 vanish, as reduction mod 2^64 requires).
-
-Tests prove both fast kernels equal to the reference, extreme values included.
+The ring products themselves are in [`hss_ee_hf.ring.matmul`].
 """
 
 from __future__ import annotations
@@ -27,18 +14,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import InvalidConfigError, RingOverflowError
-from .native import load_native_kernel
+from ..errors import InvalidConfigError, RingOverflowError
 
-LIMB_BITS = 22
-N_LIMBS = -(-64 // LIMB_BITS)  # 3 limbs cover bits 0..65; bits from 64 up vanish after the shift
-_LIMB_MASK = (1 << LIMB_BITS) - 1
 # A legitimate ring product stays below 2^OUTPUT_BITS in magnitude: |x_int| < 2^(f + h),
 # |w_int| < 2^(weight_bits - 1) and in_features <= 2^k give 2^(f + h + weight_bits - 1 + k) <= 2^62.
 # The activation headroom h is what is left for a stage's width, at most MAX_HEADROOM_BITS.
 OUTPUT_BITS = 62
 MAX_HEADROOM_BITS = 24
-MAX_IN_FEATURES = 1 << 15
 QUANTIZE_BLOCK_ROWS = 4096
 
 
@@ -170,74 +152,3 @@ def quantize_weight(weight: torch.Tensor, config: RingConfig) -> tuple[torch.Ten
         )
         scale[start : start + w.shape[0]] = s
     return w_int, scale
-
-
-def ring_matmul_reference(x: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
-    """The definition of the server's work: `x @ w_int.T mod 2^64` in plain `int64`."""
-    return x @ w_int.T
-
-
-def _to_limbs(x: torch.Tensor) -> torch.Tensor:
-    """`(n, in)` int64 -> `(N_LIMBS * n, in)` float64 unsigned `LIMB_BITS`-bit limbs, least significant first."""
-    limbs = [((x >> (LIMB_BITS * k)) & _LIMB_MASK) for k in range(N_LIMBS)]
-    return torch.cat(limbs, dim=0).to(torch.float64)
-
-
-class RingWeight:
-    """An integer weight held once in the form the fast exact kernel reads.
-
-    On CPU with the native kernel available it keeps the weight as 2-byte offset integers
-    `w + 2^15`; otherwise (CUDA, no compiler, or `kernel="float64"`) as a transposed float64 matrix.
-
-    Args:
-        w_int (`torch.Tensor`): `(out, in)` integer weight with `|w| < 2^15`.
-        device (`str` or `torch.device`, *optional*): where to keep it.
-        kernel (`str`, *optional*): `"auto"`, `"native"` or `"float64"`; defaults to `$HSS_EE_KERNEL` or
-            `"auto"` (see [`hss_ee_hf.native.load_native_kernel`]).
-    """
-
-    def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu", kernel: str | None = None):
-        if w_int.dim() != 2:
-            raise ValueError(f"a ring weight must be 2-D (out, in), got shape {tuple(w_int.shape)}")
-        if w_int.shape[1] >= MAX_IN_FEATURES:
-            raise ValueError(f"in_features {w_int.shape[1]} exceeds the exactness bound {MAX_IN_FEATURES}")
-        if w_int.numel() and w_int.abs().max().item() >= 1 << 15:
-            raise ValueError("ring weights must be below 2^15 in magnitude for the fast kernels to be exact")
-        self.out_features, self.in_features = w_int.shape
-        device = torch.device(device)
-        self._native = load_native_kernel(kernel) if device.type == "cpu" else None
-        if self._native is not None:
-            # The C kernel reads u = w + 2^15 in [1, 2^16 - 1] as uint16: flipping the sign bit of w's int16 bits
-            # adds 2^15 mod 2^16, so the int16 tensor holds exactly those bits.
-            self._u = (w_int.to(torch.int16) ^ -(1 << 15)).contiguous()
-            self._device = device
-        else:
-            self._w_t = w_int.to(device=device, dtype=torch.float64).T.contiguous()  # (in, out)
-            self._device = self._w_t.device
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def kernel(self) -> str:
-        """`"native"` or `"float64"`: the kernel this weight is held for."""
-        return "native" if self._native is not None else "float64"
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernel reads per product (the weight as held)."""
-        held = self._u if self._native is not None else self._w_t
-        return held.numel() * held.element_size()
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact `x @ w_int.T mod 2^64` for an `(n, in)` int64 share."""
-        if self._native is not None:
-            return self._native.matmul(x.to(torch.int64), self._u)
-        n = x.shape[0]
-        partial = (_to_limbs(x.to(self._w_t.device)) @ self._w_t).to(torch.int64)  # exact: < 2^53
-        partial = partial.view(N_LIMBS, n, self.out_features)
-        out = partial[0].clone()
-        for k in range(1, N_LIMBS):
-            out += partial[k] << (LIMB_BITS * k)  # wraps mod 2^64, as the ring requires
-        return out

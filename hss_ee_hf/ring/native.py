@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidConfigError, NativeKernelError
+from ..errors import InvalidConfigError, NativeKernelError
 
 logger = logging.getLogger(__name__)
 

@@ -8,153 +8,24 @@ It is stateless between requests and never logs payloads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from .checkpoint import INDEX_FILE, HSSEECheckpointInfo, short
-from .csprng import SEED_BYTES
-from .errors import CheckpointError, StageRequestError
-from .ring import RingConfig, RingWeight, quantize_weight
-from .sharing import expand_share
-from .stages import Stage, stage_layout, stage_matrix
+from ..artifacts.checkpoint import HSSEECheckpointInfo, short
+from ..artifacts.weights import iter_stage_weights
+from ..errors import StageRequestError
+from ..ring.csprng import SEED_BYTES
+from ..ring.matmul import RingWeight
+from ..ring.sharing import expand_share
+from ..transport.base import PROTOCOL_VERSION
+from .batching import StageBatcher
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS = 8192
-PROTOCOL_VERSION = 1
-
-
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index (or the single `model.safetensors`)."""
-    index = folder / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise CheckpointError(f"{folder} has neither {INDEX_FILE} nor model.safetensors")
-    with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def iter_stage_weights(
-    folder: str | os.PathLike, config, ring: RingConfig, progress: bool = False
-) -> Iterator[tuple[Stage, torch.Tensor, torch.Tensor]]:
-    """Yields `(stage, w_int, scale)` for every stage of an EE checkpoint, one stage in memory at a time.
-
-    Args:
-        folder (`str` or `os.PathLike`): the EE checkpoint folder.
-        config (`PretrainedConfig`): its config.
-        ring (`RingConfig`): quantisation parameters.
-        progress (`bool`, *optional*): show a progress bar.
-    """
-    folder = Path(folder)
-    files = _weight_files(folder)
-    layout = stage_layout(config)
-    for stage in tqdm(layout, desc="Loading stage weights", disable=not progress, unit="stage"):
-        parts = []
-        for part in stage.parts:
-            if part.weight not in files:
-                raise CheckpointError(f"{folder} lacks tensor {part.weight} needed by stage {stage.name}")
-            with safe_open(str(files[part.weight]), "pt") as f:
-                t = f.get_tensor(part.weight)
-            parts.append(stage_matrix(part, t))
-        w_int, scale = quantize_weight(torch.cat(parts, dim=0), ring)
-        yield stage, w_int, scale
-
-
-class _Job:
-    __slots__ = ("x", "done", "result", "error")
-
-    def __init__(self, x: torch.Tensor):
-        self.x, self.done, self.result, self.error = x, threading.Event(), None, None
-
-
-class StageBatcher:
-    """Batches concurrent requests for the same stage into one matrix product.
-
-    The first request for a stage waits `window` seconds for others (from other sessions) to arrive,
-    then computes all their rows in one product and hands each request its rows back. Rows are
-    independent, so the result is exactly what separate products give; decode is memory-bound, so
-    one product over many rows costs about as much as one over a single row.
-
-    While the server has seen no two requests in flight at once for a while (`quiet` seconds), a
-    request computes at once: one session alone never waits for company that cannot come (measured
-    on SmolLM2, a 2 ms window otherwise cut a lone session from 2.3 to 1.45 tokens/s). The first
-    overlap switches batching back on.
-
-    Args:
-        window (`float`): seconds the first request of a batch waits for company.
-        max_rows (`int`): a batch never grows beyond this many rows.
-        quiet (`float`, *optional*, defaults to 0.25): seconds without overlapping requests after which a request
-            computes without waiting.
-    """
-
-    def __init__(self, window: float, max_rows: int, quiet: float = 0.25):
-        self.window, self.max_rows, self.quiet = window, max_rows, quiet
-        self._busy_until = 0.0
-        self._lock = threading.Lock()
-        self._open: dict[str, list[_Job]] = {}
-        self._active = 0  # requests inside run(), for any stage
-        self.lone = 0  # requests computed at once because nothing else was in flight (tests read it)
-
-    def run(self, stage: str, weight: RingWeight, x: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            self._active += 1
-            now = time.monotonic()
-            if self._active > 1:
-                self._busy_until = now + self.quiet
-            lone = self._active == 1 and now >= self._busy_until
-            self.lone += lone
-        try:
-            if lone:
-                return weight.matmul(x)
-            return self._run(stage, weight, x)
-        finally:
-            with self._lock:
-                self._active -= 1
-
-    def _run(self, stage: str, weight: RingWeight, x: torch.Tensor) -> torch.Tensor:
-        job = _Job(x)
-        with self._lock:
-            batch = self._open.get(stage)
-            if batch is not None and sum(j.x.shape[0] for j in batch) + x.shape[0] <= self.max_rows:
-                batch.append(job)
-                leader = False
-            else:
-                self._open[stage] = batch = [job]
-                leader = True
-        if not leader:
-            job.done.wait()
-            if job.error is not None:
-                raise job.error
-            return job.result
-        time.sleep(self.window)
-        with self._lock:
-            if self._open.get(stage) is batch:
-                del self._open[stage]
-        try:
-            out = weight.matmul(torch.cat([j.x for j in batch]) if len(batch) > 1 else x)
-            for j, part in zip(batch, out.split([j.x.shape[0] for j in batch]), strict=True):
-                j.result = part
-        except Exception as err:  # every waiter must learn of the failure, not hang
-            for j in batch:
-                j.error = err
-        finally:
-            for j in batch[1:]:
-                j.done.set()
-        if job.error is not None:
-            raise job.error
-        return job.result
 
 
 class StageEngine:

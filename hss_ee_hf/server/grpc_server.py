@@ -20,11 +20,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .checkpoint import short
-from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
-from .errors import HSSEEError
+from ..artifacts.checkpoint import short
+from ..errors import HSSEEError
+from ..transport.base import PROTOCOL_VERSION
+from .engine import DEFAULT_MAX_ROWS, StageEngine
 from .security import HSSEEServerSecurity
-from .servicer import SERVICE_NAME, ShareServicer, _share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
+from .servicer import SERVICE_NAME, ShareServicer, share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _start(
     )
     # A quarter of the workers (at least two) always stay free for unary calls and health checks.
     servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)))
-    server.add_generic_rpc_handlers((_share_server_handler(servicer),))
+    server.add_generic_rpc_handlers((share_server_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = _address(host, port)

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from .engine import PROTOCOL_VERSION, StageEngine
-from .errors import StageRequestError
-from .grpc_streams import STREAM_LIMIT_DETAILS
-from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+from ..errors import StageRequestError
+from ..transport.base import PROTOCOL_VERSION
+from ..transport.protos import hss_ee_pb2, hss_ee_pb2_grpc
+from ..transport.streams import STREAM_LIMIT_DETAILS
+from .engine import StageEngine
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
         )
 
 
-def _share_server_handler(servicer: ShareServicer) -> grpc.GenericRpcHandler:
+def share_server_handler(servicer: ShareServicer) -> grpc.GenericRpcHandler:
     """The `ShareServer` service with lenient request parsing (the generated registration raises on garbage)."""
     methods = {
         "Stage": (servicer.Stage, hss_ee_pb2.StageRequest, hss_ee_pb2.StageReply),

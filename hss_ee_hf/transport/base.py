@@ -1,21 +1,48 @@
-"""How output shares come back from the two servers: one small interface, two implementations.
+"""How output shares come back from the two servers: the interface every transport implements.
 
 [`Transport.run_stage`] sends party A its seed and party B its share of one stage input, and returns
-both output shares. [`InProcessTransport`] calls two [`StageEngine`]s directly (same serialisation,
-no network) for tests and single-machine trials; `GrpcTransport` (in `grpc_transport.py`) talks to
-two `hss-ee serve` processes.
+both output shares. Implementations: `InProcessTransport` (`inprocess.py`: two [`StageHandler`]s in this
+process, same serialisation, no network) for tests and single-machine trials, and `GrpcTransport`
+(`grpc_client.py`) for two `hss-ee serve` processes.
+
+[`StageHandler`] is the small typed interface between a transport and a server's compute core: the server's
+`StageEngine` implements it, and nothing on the client side imports the server.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from .engine import PROTOCOL_VERSION, StageEngine
-from .errors import StageRequestError, TransportError
-from .sharing import Shares
+from ..errors import TransportError
+from ..ring.sharing import Shares
+
+PROTOCOL_VERSION = 1
+"""Version of the stage request format; a server refuses requests of another version."""
+
+
+@runtime_checkable
+class StageHandler(Protocol):
+    """What computes one party's stage product from request bytes: a share server's core, seen from a transport.
+
+    `hss_ee_hf.server.StageEngine` implements it. Implementations validate the request (fingerprint, stage, row
+    count, payload length, protocol version) before computing and raise `StageRequestError` (with a `code`) when it
+    is wrong.
+    """
+
+    def compute(
+        self,
+        fingerprint: str,
+        stage: str,
+        rows: int,
+        share: bytes | None = None,
+        seed: bytes | None = None,
+        version: int = PROTOCOL_VERSION,
+    ) -> bytes:
+        """Returns the little-endian int64 bytes of this party's `(rows, out_features)` output share."""
+        ...
 
 
 def bytes_to_share(data: bytes, rows: int, out_features: int, endpoint: str) -> torch.Tensor:
@@ -78,39 +105,3 @@ class Transport(ABC):
 
     def __exit__(self, *exc):
         self.close()
-
-
-class InProcessTransport(Transport):
-    """Two stage engines in this process, called concurrently through the same byte interface.
-
-    Args:
-        engine_a (`StageEngine`): party A.
-        engine_b (`StageEngine`, *optional*): party B (defaults to the same engine, which is exact and
-            saves memory; the two parties still receive independent messages).
-    """
-
-    def __init__(self, engine_a: StageEngine, engine_b: StageEngine | None = None):
-        self.engines = (engine_a, engine_b or engine_a)
-        self.endpoints = ("in-process:A", "in-process:B")
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hss-ee-inproc")
-
-    def _call(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
-        rows = shares.a.shape[0]
-        # party A (0) is sent the 32-byte seed of its share, party B (1) its share
-        payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
-        try:
-            raw = self.engines[party].compute(fingerprint, stage, rows, version=PROTOCOL_VERSION, **payload)
-        except StageRequestError as err:
-            raise TransportError(self.endpoints[party], f"{err.code}: {err}") from err
-        return bytes_to_share(raw, rows, out_features, self.endpoints[party])
-
-    def run_party(self, party, fingerprint, stage, shares, out_features):
-        return self._call(party, fingerprint, stage, shares, out_features)
-
-    def run_stage(self, fingerprint, stage, shares, out_features):
-        fut_a = self._pool.submit(self._call, 0, fingerprint, stage, shares, out_features)
-        fut_b = self._pool.submit(self._call, 1, fingerprint, stage, shares, out_features)
-        return fut_a.result(), fut_b.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)

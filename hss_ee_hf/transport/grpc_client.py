@@ -22,14 +22,13 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import grpc
 import torch
 
-from .checkpoint import short
-from .engine import PROTOCOL_VERSION
-from .errors import TransportError
-from .grpc_streams import STREAM_LIMIT_DETAILS, StreamPool, _Watchdog
+from ..artifacts.checkpoint import short
+from ..errors import TransportError
+from ..ring.sharing import Shares
+from .base import PROTOCOL_VERSION, Transport, bytes_to_share
+from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
-from .security import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
-from .sharing import Shares
-from .transport import Transport, bytes_to_share
+from .streams import STREAM_LIMIT_DETAILS, StreamPool, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class GrpcTransport(Transport):
             self._channels = tuple(grpc.secure_channel(e, credentials, options=options) for e in self.endpoints)
         self._stubs = tuple(hss_ee_pb2_grpc.ShareServerStub(channel) for channel in self._channels)
         self._metadata = config.call_metadata()
-        self._watchdog = _Watchdog()
+        self._watchdog = Watchdog()
         self._streams = tuple(StreamPool(stub.StageStream, self._metadata, self._watchdog) for stub in self._stubs)
         # Per party: monotonic time before which stage calls are unary (inf: the server has no streams).
         self._unary_until = [0.0 if config.stream else float("inf")] * 2

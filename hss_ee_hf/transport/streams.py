@@ -7,7 +7,7 @@ instead of 0.94-1.19 ms per call and a third less server CPU (`bench/roundtrip.p
 Replies on a stream come back in request order, so a stream carries one call at a time: [`StreamPool`] lends
 a stream to one caller, opens another when two callers overlap (the client's background party-A worker and
 its main thread), and drops a stream whose call failed, so the next call opens a fresh one. A stream has no
-per-message deadline in gRPC, so a [`_Watchdog`] thread cancels a call whose reply is late, and the caller
+per-message deadline in gRPC, so a [`Watchdog`] thread cancels a call whose reply is late, and the caller
 reports `DEADLINE_EXCEEDED` exactly as a unary call would. The servers stay stateless: a stream is only a
 cheaper way to send the same independent requests.
 """
@@ -26,7 +26,7 @@ _END = object()
 STREAM_LIMIT_DETAILS = "no stage stream slot free"
 
 
-class _Watchdog:
+class Watchdog:
     """Cancels stream calls whose reply is late. One thread per transport, asleep while nothing is in flight."""
 
     def __init__(self):
@@ -84,7 +84,7 @@ class StageStream:
         self._replies = method(iter(self._requests.get, _END), metadata=metadata)
         self.expired = False
 
-    def exchange(self, request, timeout: float, watchdog: _Watchdog):
+    def exchange(self, request, timeout: float, watchdog: Watchdog):
         """Sends one request and returns its reply.
 
         Raises:
@@ -113,10 +113,10 @@ class StreamPool:
     Args:
         method (`grpc.StreamStreamMultiCallable`): the stub's `StageStream`.
         metadata (`tuple`): call metadata for new streams.
-        watchdog (`_Watchdog`): enforces per-call deadlines.
+        watchdog (`Watchdog`): enforces per-call deadlines.
     """
 
-    def __init__(self, method: grpc.StreamStreamMultiCallable, metadata, watchdog: _Watchdog):
+    def __init__(self, method: grpc.StreamStreamMultiCallable, metadata, watchdog: Watchdog):
         self._method, self._metadata, self._watchdog = method, metadata, watchdog
         self._idle: list[StageStream] = []
         self._lock = threading.Lock()

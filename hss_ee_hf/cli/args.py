@@ -1,0 +1,83 @@
+"""Argparse helpers that give `hss-ee serve`, `generate` and `classify` the same transport-security flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..server.security import HSSEEServerSecurity
+from ..transport.config import DEFAULT_RETRIES, DEFAULT_TIMEOUT, TOKEN_ENV, HSSEEClientConfig
+
+
+def add_server_security_args(parser: argparse.ArgumentParser) -> None:
+    """Adds `--tls-cert`, `--tls-key`, `--tls-client-ca` and `--token-file` to a server's parser.
+
+    Example:
+
+    ```python
+    >>> add_server_security_args(parser)
+    >>> security = server_security_from_args(parser.parse_args())
+    ```
+    """
+    group = parser.add_argument_group("transport security")
+    group.add_argument("--tls-cert", help="PEM certificate chain of this server (enables TLS; needs --tls-key)")
+    group.add_argument("--tls-key", help="PEM private key of --tls-cert (keep it mode 0600)")
+    group.add_argument(
+        "--tls-client-ca", help="PEM CA of client certificates: clients must present one it signed (mutual TLS)"
+    )
+    group.add_argument(
+        "--token-file", help="file of accepted bearer tokens, one per line; calls without one are refused"
+    )
+
+
+def server_security_from_args(args: argparse.Namespace) -> HSSEEServerSecurity | None:
+    """Builds the server's security settings from `add_server_security_args` flags (`None` when all unset)."""
+    values = {
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "tls_client_ca": getattr(args, "tls_client_ca", None),
+        "token_file": getattr(args, "token_file", None),
+    }
+    if all(v is None for v in values.values()):
+        return None
+    return HSSEEServerSecurity(**values)
+
+
+def add_client_security_args(parser: argparse.ArgumentParser) -> None:
+    """Adds `--tls`, `--tls-ca`, `--tls-cert`, `--tls-key`, `--tls-server-name`, `--token-file` and `--retries`.
+
+    A `--timeout` flag, when the parser has one, is read by [`client_config_from_args`] too. The token may also
+    come from the `HSS_EE_TOKEN` environment variable.
+    """
+    group = parser.add_argument_group("transport security")
+    group.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
+    group.add_argument("--tls-ca", help="PEM CA that signed the servers' certificates (enables TLS)")
+    group.add_argument("--tls-cert", help="PEM client certificate for mutual TLS (needs --tls-key)")
+    group.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    group.add_argument("--tls-server-name", help="name expected in the servers' certificates, if not the host")
+    group.add_argument(
+        "--token-file", help=f"file holding the bearer token (or set {TOKEN_ENV}); never pass a token inline"
+    )
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help=f"retries of an unavailable server (default {DEFAULT_RETRIES})",
+    )
+
+
+def client_config_from_args(args: argparse.Namespace) -> HSSEEClientConfig:
+    """Builds an [`HSSEEClientConfig`] from `add_client_security_args` flags (and `--timeout` if present)."""
+    token_file = getattr(args, "token_file", None)
+    token = os.environ.get(TOKEN_ENV) if token_file is None else None
+    return HSSEEClientConfig(
+        tls=bool(getattr(args, "tls", False)),
+        tls_ca_cert=getattr(args, "tls_ca", None),
+        tls_client_cert=getattr(args, "tls_cert", None),
+        tls_client_key=getattr(args, "tls_key", None),
+        tls_server_name=getattr(args, "tls_server_name", None),
+        token=token or None,
+        token_file=token_file,
+        timeout=getattr(args, "timeout", None) or DEFAULT_TIMEOUT,
+        retries=getattr(args, "retries", DEFAULT_RETRIES),
+    )

@@ -1,0 +1,86 @@
+"""The servers' exact ring product `x @ W_int.T mod 2^64` (DESIGN.md §4).
+
+Three kernels compute it:
+
+* [`ring_matmul_reference`]: plain `int64` matrix product (the definition).
+* The native kernel ([`hss_ee_hf.ring.native`], used by [`RingWeight`] on CPU when a C compiler is
+  present): the weight is held as 2-byte integers and multiplied into the 64-bit shares with AVX2,
+  wrapping mod 2^64 (`ring_kernel.c` explains why that is exact). It reads a quarter of the bytes
+  of the float64 kernel, which is what a memory-bound decode step pays for.
+* The float64 kernel (CUDA, or CPU without a compiler): each 64-bit share is split into three
+  unsigned 22-bit limbs ([`hss_ee_hf.ring.limbs`]) multiplied with the weight held once as float64. Every
+  partial sum is an integer of magnitude below `2^22 * 2^15 * in_features <= 2^53` (in_features < 2^16), so
+  float64 accumulates it exactly in any order, and the limbs are recombined with wrapping `int64` shifts.
+
+Tests prove both fast kernels equal to the reference, extreme values included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .limbs import recombine, to_limbs
+from .native import load_native_kernel
+
+LIMB_BITS = 22  # 3 limbs cover bits 0..65; bits from 64 up vanish after the shift
+MAX_IN_FEATURES = 1 << 15
+
+
+def ring_matmul_reference(x: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+    """The definition of the server's work: `x @ w_int.T mod 2^64` in plain `int64`."""
+    return x @ w_int.T
+
+
+class RingWeight:
+    """An integer weight held once in the form the fast exact kernel reads.
+
+    On CPU with the native kernel available it keeps the weight as 2-byte offset integers
+    `w + 2^15`; otherwise (CUDA, no compiler, or `kernel="float64"`) as a transposed float64 matrix.
+
+    Args:
+        w_int (`torch.Tensor`): `(out, in)` integer weight with `|w| < 2^15`.
+        device (`str` or `torch.device`, *optional*): where to keep it.
+        kernel (`str`, *optional*): `"auto"`, `"native"` or `"float64"`; defaults to `$HSS_EE_KERNEL` or
+            `"auto"` (see [`hss_ee_hf.native.load_native_kernel`]).
+    """
+
+    def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu", kernel: str | None = None):
+        if w_int.dim() != 2:
+            raise ValueError(f"a ring weight must be 2-D (out, in), got shape {tuple(w_int.shape)}")
+        if w_int.shape[1] >= MAX_IN_FEATURES:
+            raise ValueError(f"in_features {w_int.shape[1]} exceeds the exactness bound {MAX_IN_FEATURES}")
+        if w_int.numel() and w_int.abs().max().item() >= 1 << 15:
+            raise ValueError("ring weights must be below 2^15 in magnitude for the fast kernels to be exact")
+        self.out_features, self.in_features = w_int.shape
+        device = torch.device(device)
+        self._native = load_native_kernel(kernel) if device.type == "cpu" else None
+        if self._native is not None:
+            # The C kernel reads u = w + 2^15 in [1, 2^16 - 1] as uint16: flipping the sign bit of w's int16 bits
+            # adds 2^15 mod 2^16, so the int16 tensor holds exactly those bits.
+            self._u = (w_int.to(torch.int16) ^ -(1 << 15)).contiguous()
+            self._device = device
+        else:
+            self._w_t = w_int.to(device=device, dtype=torch.float64).T.contiguous()  # (in, out)
+            self._device = self._w_t.device
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def kernel(self) -> str:
+        """`"native"` or `"float64"`: the kernel this weight is held for."""
+        return "native" if self._native is not None else "float64"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads per product (the weight as held)."""
+        held = self._u if self._native is not None else self._w_t
+        return held.numel() * held.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact `x @ w_int.T mod 2^64` for an `(n, in)` int64 share."""
+        if self._native is not None:
+            return self._native.matmul(x.to(torch.int64), self._u)
+        limbs = to_limbs(x.to(self._w_t.device), LIMB_BITS)  # (3, n, in)
+        return recombine(limbs @ self._w_t, LIMB_BITS)  # every partial sum < 2^53: exact
