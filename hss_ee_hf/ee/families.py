@@ -1,7 +1,7 @@
 """The registry of supported architectures: which EE spec converts a config (DESIGN.md §5).
 
 Decoder LLMs (Llama, Mistral, Qwen2, GPT-2), T5 text-to-text models and image classifiers (ResNet, ViT)
-each have an [`EESpec`]; the stage layouts the servers compute are in [`hss_ee_hf.stages`].
+each have an [`EESpec`]; the stage layouts the servers compute are in [`hss_ee_hf.artifacts.layouts`].
 """
 
 from __future__ import annotations

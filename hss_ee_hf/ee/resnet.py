@@ -15,7 +15,7 @@ from ..artifacts.layouts import resnet_layers
 from ..artifacts.stages import FAMILIES
 from ..errors import ConversionError, UnsupportedArchitectureError
 from ..ring.csprng import ChaChaStream
-from .vision import _BN_TENSORS, BATCH_NORM_EPS, RESNET_VERIFY_IMAGE, ChannelTransform, ConvSites, VisionSpec
+from .vision import BATCH_NORM_EPS, BN_TENSORS, RESNET_VERIFY_IMAGE, ChannelTransform, ConvSites, VisionSpec
 
 
 class ResNetSpec(VisionSpec):
@@ -122,7 +122,7 @@ class ResNetSpec(VisionSpec):
         """
         vec = self._vectors(small)
         try:
-            gamma, beta, mean, var = (vec[f"{module}.normalization.{t}"] for t in _BN_TENSORS)
+            gamma, beta, mean, var = (vec[f"{module}.normalization.{t}"] for t in BN_TENSORS)
         except KeyError as err:
             raise ConversionError(f"{module}'s BatchNorm was not found in the first pass ({err})") from None
         scale = gamma / torch.sqrt(var + BATCH_NORM_EPS)

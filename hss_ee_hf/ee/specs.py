@@ -131,7 +131,7 @@ class EESpec:
         return out
 
 
-def _layer(name: str) -> int:
+def layer_index(name: str) -> int:
     return int(re.search(r"\.(\d+)\.", name).group(1))
 
 
@@ -172,7 +172,7 @@ class LlamaFamilySpec(EESpec):
         w = tensor.to(torch.float64)
         if self.needs_first_pass(name):
             return {name: torch.ones_like(w)}
-        layer = _layer(name)
+        layer = layer_index(name)
         prefix = f"model.layers.{layer}."
         attn, mlp = self.attention(layer), self.mlp(layer)
         kind = name[len(prefix) :]
@@ -256,7 +256,7 @@ class GPT2Spec(EESpec):
         return self._block(name, w, small)
 
     def _block(self, name, w, small):
-        layer = _layer(name)
+        layer = layer_index(name)
         prefix = f"transformer.h.{layer}."
         kind = name[len(prefix) :]
         attn, mlp = self.attention(layer), self.mlp(layer)

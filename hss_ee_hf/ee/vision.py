@@ -31,13 +31,13 @@ from .transforms import positive_scales
 BATCH_NORM_EPS = 1e-5
 """`nn.BatchNorm2d`'s default eps, the one transformers' ResNet uses (its config does not set it)."""
 
-_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 RESNET_VERIFY_IMAGE = 64
 """Side of the random verification images of a ResNet (fully convolutional: any size above 32 works)."""
 
 
-def _pair(value) -> tuple[int, int]:
+def as_pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, Iterable) else (value, value)
 
 

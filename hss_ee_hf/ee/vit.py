@@ -13,9 +13,9 @@ import torch
 from ..artifacts.stages import FAMILIES
 from ..errors import ConversionError
 from ..ring.csprng import ChaChaStream
-from .specs import _layer
+from .specs import layer_index
 from .transforms import AttentionTransform, MLPTransform, orthogonal_fixing_ones
-from .vision import VisionSpec, _pair
+from .vision import VisionSpec, as_pair
 
 _VIT_RENAMES: tuple[tuple[re.Pattern, str], ...] = (  # transformers 4.x -> 5 names (as `conversion_mapping.py`)
     (re.compile(r"^(?:vit\.)?encoder\.layer\.(\d+)\."), r"vit.layers.\1."),
@@ -63,7 +63,7 @@ class ViTSpec(VisionSpec):
         return name
 
     def _image_size(self) -> tuple[int, int]:
-        return _pair(self.config.image_size)
+        return as_pair(self.config.image_size)
 
     def _draw_rotation(self) -> torch.Tensor:
         return orthogonal_fixing_ones(self.rng, self.hidden)
@@ -128,7 +128,7 @@ class ViTSpec(VisionSpec):
         raise ConversionError(f"no EE transform for tensor {name!r}; this checkpoint has an unexpected layout")
 
     def _block(self, name: str, w: torch.Tensor, small) -> dict[str, torch.Tensor]:
-        layer = _layer(name)
+        layer = layer_index(name)
         prefix = f"vit.layers.{layer}."
         kind = name[len(prefix) :]
         attn, mlp = self.attention(layer), self.mlp(layer)

@@ -249,7 +249,7 @@ def resolve_server_files(
     Example:
 
     ```python
-    >>> from hss_ee_hf.engine import StageEngine
+    >>> from hss_ee_hf.server import StageEngine
     >>> engine = StageEngine(resolve_server_files("org/smollm2-ee"))
     ```
     """

@@ -63,7 +63,7 @@ def _base_card_license(base_model: str) -> dict[str, str]:
     return {k: getattr(data, k) for k in fields if isinstance(getattr(data, k, None), str)}
 
 
-def _version() -> str:
+def library_version() -> str:
     try:
         return importlib.metadata.version(LIBRARY_NAME)
     except importlib.metadata.PackageNotFoundError:
@@ -182,7 +182,7 @@ def render_card(
         weight_bits=info.ring.weight_bits,
         client_files=client_files,
         server_files=server_files,
-        hss_ee_version=_version(),
+        hss_ee_version=library_version(),
     )
     text = str(card)
     try:

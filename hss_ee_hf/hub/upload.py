@@ -24,7 +24,7 @@ from ..artifacts.checkpoint import INDEX_FILE, HSSEECheckpointInfo
 from ..artifacts.key import KEY_KIND
 from ..errors import CheckpointError, HubUploadError, PushRefusedError
 from .download import CHAT_TEMPLATE_PATTERN, TOKENIZER_FILES, is_offline
-from .model_card import LIBRARY_NAME, README, _version, render_card
+from .model_card import LIBRARY_NAME, README, library_version, render_card
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def push_to_hub(
     Example:
 
     ```python
-    >>> from hss_ee_hf.push import push_to_hub
+    >>> from hss_ee_hf import push_to_hub
     >>> push_to_hub("smollm2-ee", "me/smollm2-ee", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
     ```
     """
@@ -311,7 +311,7 @@ def push_to_hub(
     message = commit_message or f"Upload EE checkpoint {plan.fingerprint[:12]}"
     description = (
         f"EE checkpoint, fingerprint {plan.fingerprint}, format version {plan.format_version}, uploaded with "
-        f"{LIBRARY_NAME} {_version()}. The secret key is not part of it."
+        f"{LIBRARY_NAME} {library_version()}. The secret key is not part of it."
     )
     logger.info("pushing %d files to %s: %s", len(operations), repo_id, ", ".join(plan.paths_in_repo))
     try:

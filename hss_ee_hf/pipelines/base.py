@@ -183,7 +183,7 @@ def client_model(
     return client, True
 
 
-def _checkpoint_tokenizer(model: HSSEEForCausalLM):
+def checkpoint_tokenizer(model: HSSEEForCausalLM):
     """The tokenizer saved in the EE checkpoint folder the client model was loaded from."""
     folder = model.config.name_or_path
     if not folder:

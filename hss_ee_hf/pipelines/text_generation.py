@@ -15,7 +15,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
 from ..client.modeling import HSSEEForCausalLM
-from .base import HSSEEClientReference, HSSEEPipelineMixin, _checkpoint_tokenizer
+from .base import HSSEEClientReference, HSSEEPipelineMixin, checkpoint_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class HSSEETextGenerationPipeline(HSSEEPipelineMixin, TextGenerationPipeline):
 
     def _with_preprocessor(self, model, kwargs):
         if kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = _checkpoint_tokenizer(model)
+            kwargs["tokenizer"] = checkpoint_tokenizer(model)
         return kwargs
 
 

@@ -33,7 +33,7 @@ class ChaChaStream:
     Example:
 
     ```python
-    >>> from hss_ee_hf.csprng import ChaChaStream
+    >>> from hss_ee_hf.ring.csprng import ChaChaStream
     >>> rng = ChaChaStream()
     >>> rng.int64((2, 3)).dtype
     torch.int64

@@ -41,7 +41,7 @@ class RingWeight:
         w_int (`torch.Tensor`): `(out, in)` integer weight with `|w| < 2^15`.
         device (`str` or `torch.device`, *optional*): where to keep it.
         kernel (`str`, *optional*): `"auto"`, `"native"` or `"float64"`; defaults to `$HSS_EE_KERNEL` or
-            `"auto"` (see [`hss_ee_hf.native.load_native_kernel`]).
+            `"auto"` (see [`hss_ee_hf.ring.native.load_native_kernel`]).
     """
 
     def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu", kernel: str | None = None):

@@ -1,6 +1,6 @@
 /* Exact ring product y = x . w^T mod 2^64 with 16-bit weights, read as 2 bytes each.
  *
- * Built and loaded by hss_ee_hf/native.py (ctypes); see that file and DESIGN.md section 4.
+ * Built and loaded by hss_ee_hf/ring/native.py (ctypes); see that file and DESIGN.md section 4.
  *
  * The weight is stored offset, u = w + 2^15 in [1, 2^16 - 1], so every product is of two
  * unsigned numbers:  x * w = x * u - 2^15 * x  (mod 2^64).

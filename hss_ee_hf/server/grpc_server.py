@@ -1,6 +1,6 @@
 """The share server: a [`StageEngine`] behind gRPC (DESIGN.md §7).
 
-One process is one party (A or B). It serves the `ShareServer` service of [`hss_ee_hf.servicer`]
+One process is one party (A or B). It serves the `ShareServer` service of [`hss_ee_hf.server.servicer`]
 (`Stage`, `StageStream`, `Describe`), exposes the standard gRPC health service, and keeps no state
 between requests. This module binds it to a port with message limits sized to the largest stage,
 TLS, mutual TLS and bearer tokens from an [`HSSEEServerSecurity`], and a graceful shutdown on

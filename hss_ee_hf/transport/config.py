@@ -129,8 +129,8 @@ class HSSEEClientConfig:
     Example:
 
     ```python
-    >>> from hss_ee_hf.security import HSSEEClientConfig
-    >>> from hss_ee_hf.grpc_transport import GrpcTransport
+    >>> from hss_ee_hf import HSSEEClientConfig
+    >>> from hss_ee_hf.transport.grpc_client import GrpcTransport
     >>> config = HSSEEClientConfig(tls_ca_cert="ca.pem", token_file="token.txt", timeout=30.0)
     >>> transport = GrpcTransport(("a.example.org:50051", "b.example.org:50051"), config=config)
     ```

@@ -2,7 +2,7 @@
 
 [`GrpcTransport`] keeps one channel per server and sends each stage to both at once: party A gets the
 32-byte seed of its share, party B its share bytes. Stage calls travel on long-lived bidirectional streams
-([`hss_ee_hf.grpc_streams`]) and fall back to unary calls for a server that has no streams to spare or
+([`hss_ee_hf.transport.streams`]) and fall back to unary calls for a server that has no streams to spare or
 predates them. Every call has a deadline; a server that answers
 `UNAVAILABLE` (restarting, briefly unreachable) is retried with exponential backoff, which is safe because
 stage calls are stateless and idempotent. TLS, mutual TLS and bearer tokens come from an
@@ -134,8 +134,8 @@ class GrpcTransport(Transport):
     Example:
 
     ```python
-    >>> from hss_ee_hf.grpc_transport import GrpcTransport
-    >>> from hss_ee_hf.security import HSSEEClientConfig
+    >>> from hss_ee_hf.transport.grpc_client import GrpcTransport
+    >>> from hss_ee_hf import HSSEEClientConfig
     >>> config = HSSEEClientConfig(tls_ca_cert="ca.pem", token_file="token.txt")
     >>> with GrpcTransport(("10.0.0.1:50051", "10.0.0.2:50051"), config=config) as transport:
     ...     transport.check_fingerprint(fingerprint)
