@@ -283,6 +283,27 @@ def test_concurrent_requests_are_queued_and_exact(local: Gateway, tiny: Tiny) ->
     assert answers == [plain_greedy(tiny, chat_ids(tiny, c), 8) for c in conversations]
 
 
+def test_a_client_that_leaves_mid_stream_stops_its_generation(local: Gateway, tiny: Tiny) -> None:
+    model, prompt, long = local.manager.model, "w5 w6", 300
+    per_step = 4 * model.config.num_hidden_layers + 1  # round trips of one decode step (test_generation.py)
+    ids = torch.tensor([tiny.tok(prompt)["input_ids"]])
+    plain = tiny.plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=long, do_sample=False)
+    assert plain.shape[1] == ids.shape[1] + long, "the plaintext run meets EOS: pick a prompt that runs long"
+    model.hss_ee_stats.reset()
+    stream = local.client().completions.create(model=MODEL_ID, prompt=prompt, max_tokens=long, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while local.manager._pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert local.manager._pending == 0, "the abandoned generation is still running"
+    steps = model.hss_ee_stats.round_trips // per_step
+    assert steps < long // 3, f"the abandoned generation ran {steps} of its {long} steps"
+    _assert_serves(local, tiny)
+
+
 def test_a_full_queue_answers_429_and_the_gateway_keeps_serving(tiny: Tiny) -> None:
     model = HSSEEForCausalLM.from_pretrained(tiny.folder, key=tiny.key, transport=InProcessTransport(tiny.engine))
     gw = Gateway(model, tiny.tok, max_queue=1)
@@ -417,8 +438,13 @@ def test_a_dead_share_server_is_503_naming_it_and_the_gateway_recovers(tiny: Tin
     gw = Gateway(model, tiny.tok)
     try:
         _assert_serves(gw, tiny)
-        servers.kill(1)
         client = gw.client()
+        stream = client.completions.create(model=MODEL_ID, prompt="w5 w6", max_tokens=300, stream=True)
+        with pytest.raises(openai.APIError) as info:  # the status line is sent: the stream ends with an error event
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    servers.kill(1)
+        assert servers.endpoints[1] in info.value.message and info.value.code == "share_server_unavailable"
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as info:
                 client.chat.completions.create(model=MODEL_ID, messages=CHAT, max_tokens=4, stream=stream)
@@ -429,7 +455,15 @@ def test_a_dead_share_server_is_503_naming_it_and_the_gateway_recovers(tiny: Tin
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="other", messages=CHAT, max_tokens=2)
         servers.restart(1)
-        _assert_serves(gw, tiny)
+        # The channel reconnects on gRPC's backoff schedule (at most the client's max_backoff), then serves exactly.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                _assert_serves(gw, tiny)
+                break
+            except openai.InternalServerError as err:
+                assert err.status_code == 503 and time.monotonic() < deadline, "no recovery after the restart"
+                time.sleep(0.2)
     finally:
         gw.close()
         model.close()
@@ -525,6 +559,7 @@ def test_help_explains_every_flag() -> None:
 # --- the command --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: 7 s idle, 30 s+ on a busy runner
 def test_hss_ee_gateway_command(tiny: Tiny, tmp_path: Path) -> None:
     servers = Servers(tiny.engine)
     key_file = tmp_path / "gateway-key"
