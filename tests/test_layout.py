@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "hss_ee_hf"
 CONVERSION = ROOT / "conversion"
-LAYERS = ("ring", "ee", "artifacts", "transport", "server", "client", "pipelines", "hub", "cli")
+LAYERS = ("ring", "ee", "artifacts", "transport", "server", "client", "pipelines", "hub", "cli", "gateway")
 MAX_LINES = 400
 
 
@@ -158,14 +158,15 @@ def test_cycle_check_finds_a_cycle() -> None:
 @pytest.mark.parametrize(
     ("importer", "forbidden"),
     [
-        ("client", ("server", "ee", "pipelines", "cli")),
+        ("client", ("server", "ee", "pipelines", "cli", "gateway")),
         ("server", ("client", "ee", "pipelines", "cli", "hub")),
         ("transport", ("client", "server", "ee", "pipelines", "cli", "hub")),
         ("ring", ("artifacts", "transport", "server", "client", "ee", "pipelines", "cli", "hub")),
         ("artifacts", ("transport", "server", "client", "ee", "pipelines", "cli", "hub")),
         ("ee", ("transport", "server", "client", "pipelines", "cli", "hub")),
         ("hub", ("server", "client", "ee", "pipelines", "cli")),
-        ("pipelines", ("server", "ee", "cli")),
+        ("pipelines", ("server", "ee", "cli", "gateway")),
+        ("gateway", ("server", "ee", "cli")),
     ],
 )
 def test_data_flows_one_way(importer: str, forbidden: tuple[str, ...]) -> None:

@@ -294,9 +294,18 @@ class DemoCommand(Command):
 
 
 def _commands() -> tuple[Command, ...]:
+    from .gateway import GatewayCommand
     from .push import PushCommand
 
-    return (ConvertCommand(), ServeCommand(), GenerateCommand(), ClassifyCommand(), PushCommand(), DemoCommand())
+    return (
+        ConvertCommand(),
+        ServeCommand(),
+        GenerateCommand(),
+        ClassifyCommand(),
+        PushCommand(),
+        DemoCommand(),
+        GatewayCommand(),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
