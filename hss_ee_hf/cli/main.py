@@ -93,7 +93,7 @@ class ServeCommand(Command):
         p.add_argument(
             "--device",
             default="cpu",
-            help="where the weights live: cpu, cuda (stages spread over all GPUs by size), cuda:N or auto (default cpu)",
+            help="where the weights live: cpu, cuda (stages spread over all GPUs by size), cuda:N or auto ",
         )
         p.add_argument(
             "--max-rows",
