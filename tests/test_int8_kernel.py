@@ -181,3 +181,17 @@ def test_engines_with_int8_and_float64_return_identical_bytes(tiny_ee_checkpoint
             assert int8_engine.compute(fp, stage, rows, share=share) == float_engine.compute(
                 fp, stage, rows, share=share
             )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "rows,in_features,out_features", [(1, 4096, 12288), (2, 11008, 4096), (3, 7, 5), (512, 4096, 77)]
+)
+def test_cuda_int8_kernel_is_exact_and_uses_tensor_cores(rows, in_features, out_features):
+    """On a GPU: `_int_mm` is taken (not the fallback) and every product equals the CPU int64 reference."""
+    assert int_mm_works(torch.device("cuda"))
+    x, w = extreme_problem(rows, in_features, out_features, seed=rows + out_features)
+    weight = RingWeight(w, device="cuda")
+    assert weight.kernel == "int8" and weight.nbytes <= 2 * (out_features + 4) * (in_features + 8)
+    assert torch.equal(weight.matmul(x).cpu(), ring_matmul_reference(x, w))
