@@ -93,3 +93,8 @@ class PushRefusedError(HSSEEError, ValueError):
 
 class HubUploadError(HSSEEError, OSError):
     """The Hub refused or could not receive the upload (network, permissions, offline mode)."""
+
+
+class DevicePlacementError(HSSEEError, RuntimeError):
+    """A server's stage weights do not fit the devices it was given (`hss-ee serve --device cuda`); the message says
+    how many bytes were needed and available: add GPUs, free GPU memory, or serve on `--device cpu`."""

@@ -59,3 +59,26 @@ def iter_stage_weights(
             parts.append(stage_matrix(part, t))
         w_int, scale = quantize_weight(torch.cat(parts, dim=0), ring)
         yield stage, w_int, scale
+
+
+def iter_stage_shapes(folder: str | os.PathLike, config) -> Iterator[tuple[Stage, tuple[int, int]]]:
+    """Yields `(stage, (out_features, in_features))` for every stage, from the safetensors headers alone.
+
+    A server uses it to place stages on devices before it reads a single weight.
+
+    Args:
+        folder (`str` or `os.PathLike`): the EE checkpoint folder.
+        config (`PretrainedConfig`): its config.
+    """
+    folder = Path(folder)
+    files = _weight_files(folder)
+    for stage in stage_layout(config):
+        out_features, in_features = 0, 0
+        for part in stage.parts:
+            if part.weight not in files:
+                raise CheckpointError(f"{folder} lacks tensor {part.weight} needed by stage {stage.name}")
+            with safe_open(str(files[part.weight]), "pt") as f:
+                shape = f.get_slice(part.weight).get_shape()
+            rows, in_features = stage_matrix(part, torch.empty(shape, device="meta")).shape
+            out_features += rows
+        yield stage, (out_features, in_features)

@@ -91,7 +91,9 @@ class ServeCommand(Command):
         p.add_argument("--port", type=int, default=50051, help="TCP port to listen on (default 50051; 0 picks one)")
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
         p.add_argument(
-            "--device", default="cpu", help="where the weights live: cpu, cuda, cuda:N or auto (default cpu)"
+            "--device",
+            default="cpu",
+            help="where the weights live: cpu, cuda (stages spread over all GPUs by size), cuda:N or auto ",
         )
         p.add_argument(
             "--max-rows",
@@ -122,11 +124,11 @@ class ServeCommand(Command):
         )
         p.add_argument(
             "--kernel",
-            choices=["auto", "native", "float64"],
+            choices=["auto", "native", "float64", "int8"],
             default=None,
-            help="CPU ring kernel: native (2-byte weights, AVX2, built once with the system C compiler), float64 "
-            "(three 22-bit limbs through float64 GEMM), or auto: native when it builds (default: $HSS_EE_KERNEL "
-            "or auto)",
+            help="ring kernel: native (CPU: 2-byte weights, AVX2, built once with the system C compiler), int8 "
+            "(2-byte weights as two int8 limbs, torch._int_mm on tensor cores), float64 (three 22-bit limbs through "
+            "float64 GEMM), or auto: int8 on CUDA, native on CPU when it builds (default: $HSS_EE_KERNEL or auto)",
         )
         from .args import add_server_security_args
 

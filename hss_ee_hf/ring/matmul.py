@@ -1,6 +1,6 @@
 """The servers' exact ring product `x @ W_int.T mod 2^64` (DESIGN.md §4).
 
-Three kernels compute it:
+Four kernels compute it:
 
 * [`ring_matmul_reference`]: plain `int64` matrix product (the definition).
 * The native kernel ([`hss_ee_hf.ring.native`], used by [`RingWeight`] on CPU when a C compiler is
@@ -12,15 +12,20 @@ Three kernels compute it:
   partial sum is an integer of magnitude below `2^22 * 2^15 * in_features <= 2^53` (in_features < 2^16), so
   float64 accumulates it exactly in any order, and the limbs are recombined with wrapping `int64` shifts.
 
-Tests prove both fast kernels equal to the reference, extreme values included.
+* The int8 kernel ([`hss_ee_hf.ring.int8`], the default on CUDA, selectable anywhere): the weight held once as two
+  signed byte limbs (2 bytes per weight), the share as eight, multiplied with `torch._int_mm` on int8 tensor cores
+  with exact int32 partial sums (`2^14 · in < 2^31`), recombined with wrapping shifts.
+
+Tests prove every fast kernel equal to the reference, extreme values included.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .int8 import Int8RingWeight, int8_held_bytes
 from .limbs import recombine, to_limbs
-from .native import load_native_kernel
+from .native import kernel_choice, load_native_kernel
 
 LIMB_BITS = 22  # 3 limbs cover bits 0..65; bits from 64 up vanish after the shift
 MAX_IN_FEATURES = 1 << 15
@@ -34,14 +39,15 @@ def ring_matmul_reference(x: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
 class RingWeight:
     """An integer weight held once in the form the fast exact kernel reads.
 
-    On CPU with the native kernel available it keeps the weight as 2-byte offset integers
-    `w + 2^15`; otherwise (CUDA, no compiler, or `kernel="float64"`) as a transposed float64 matrix.
+    With the int8 kernel (`kernel="int8"`, or `"auto"` on CUDA) it keeps the weight as two int8 limbs; on CPU with
+    the native kernel available as 2-byte offset integers `w + 2^15`; otherwise (no compiler, `kernel="float64"`, or
+    `"native"` asked for on CUDA) as a transposed float64 matrix.
 
     Args:
         w_int (`torch.Tensor`): `(out, in)` integer weight with `|w| < 2^15`.
         device (`str` or `torch.device`, *optional*): where to keep it.
-        kernel (`str`, *optional*): `"auto"`, `"native"` or `"float64"`; defaults to `$HSS_EE_KERNEL` or
-            `"auto"` (see [`hss_ee_hf.ring.native.load_native_kernel`]).
+        kernel (`str`, *optional*): `"auto"`, `"native"`, `"float64"` or `"int8"`; defaults to `$HSS_EE_KERNEL` or
+            `"auto"`: int8 on CUDA, native on CPU when it builds, else float64.
     """
 
     def __init__(self, w_int: torch.Tensor, device: str | torch.device = "cpu", kernel: str | None = None):
@@ -53,8 +59,14 @@ class RingWeight:
             raise ValueError("ring weights must be below 2^15 in magnitude for the fast kernels to be exact")
         self.out_features, self.in_features = w_int.shape
         device = torch.device(device)
-        self._native = load_native_kernel(kernel) if device.type == "cpu" else None
-        if self._native is not None:
+        choice = kernel_choice(kernel)
+        self._int8 = None
+        self._native = None
+        if choice == "int8" or (choice == "auto" and device.type == "cuda"):
+            self._int8 = Int8RingWeight(w_int, device=device)
+            self._device = self._int8.device
+        elif device.type == "cpu" and (native := load_native_kernel(choice)) is not None:
+            self._native = native
             # The C kernel reads u = w + 2^15 in [1, 2^16 - 1] as uint16: flipping the sign bit of w's int16 bits
             # adds 2^15 mod 2^16, so the int16 tensor holds exactly those bits.
             self._u = (w_int.to(torch.int16) ^ -(1 << 15)).contiguous()
@@ -69,18 +81,34 @@ class RingWeight:
 
     @property
     def kernel(self) -> str:
-        """`"native"` or `"float64"`: the kernel this weight is held for."""
+        """`"int8"`, `"native"` or `"float64"`: the kernel this weight is held for."""
+        if self._int8 is not None:
+            return "int8"
         return "native" if self._native is not None else "float64"
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernel reads per product (the weight as held)."""
+        """Bytes the kernel reads per product (the weight as held): 2 per weight for int8 and native, 8 for float64."""
+        if self._int8 is not None:
+            return self._int8.nbytes
         held = self._u if self._native is not None else self._w_t
         return held.numel() * held.element_size()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Exact `x @ w_int.T mod 2^64` for an `(n, in)` int64 share."""
+        if self._int8 is not None:
+            return self._int8.matmul(x)
         if self._native is not None:
             return self._native.matmul(x.to(torch.int64), self._u)
         limbs = to_limbs(x.to(self._w_t.device), LIMB_BITS)  # (3, n, in)
         return recombine(limbs @ self._w_t, LIMB_BITS)  # every partial sum < 2^53: exact
+
+
+def held_bytes(out_features: int, in_features: int, kernel: str, device: str | torch.device = "cpu") -> int:
+    """Bytes a [`RingWeight`] of this shape holds with `kernel` (`"int8"`, `"native"` or `"float64"`) on `device`.
+
+    Lets a server place stages on devices from the checkpoint's shapes before it loads a single weight.
+    """
+    if kernel == "int8":
+        return int8_held_bytes(out_features, in_features, device)
+    return out_features * in_features * (2 if kernel == "native" else 8)

@@ -31,7 +31,7 @@ from ..errors import InvalidConfigError, NativeKernelError
 
 logger = logging.getLogger(__name__)
 
-KERNEL_CHOICES = ("auto", "native", "float64")
+KERNEL_CHOICES = ("auto", "native", "float64", "int8")  # int8: [`hss_ee_hf.ring.int8`]
 _SOURCE = Path(__file__).with_name("ring_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 # Below this many multiply-adds a second thread costs more to start than it saves.
@@ -135,13 +135,13 @@ def load_native_kernel(kernel: str | None = None) -> NativeRingKernel | None:
 
     Args:
         kernel (`str`, *optional*): `"auto"` (native when it builds, else float64), `"native"` (a failed
-            build raises) or `"float64"` (returns `None`). Defaults to `$HSS_EE_KERNEL` or `"auto"`.
+            build raises), `"float64"` or `"int8"` (returns `None`). Defaults to `$HSS_EE_KERNEL` or `"auto"`.
 
     Raises:
         `NativeKernelError`: `kernel="native"` and the kernel could not be built or loaded.
     """
     choice = kernel_choice(kernel)
-    if choice == "float64":
+    if choice in ("float64", "int8"):
         return None
     with _lock:
         if "kernel" not in _loaded:

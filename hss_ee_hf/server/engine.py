@@ -16,13 +16,13 @@ import torch
 from transformers import AutoConfig
 
 from ..artifacts.checkpoint import HSSEECheckpointInfo, short
-from ..artifacts.weights import iter_stage_weights
 from ..errors import StageRequestError
 from ..ring.csprng import SEED_BYTES
 from ..ring.matmul import RingWeight
 from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
 from .batching import StageBatcher
+from .placement import load_stage_weights
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROWS = 8192
@@ -33,13 +33,14 @@ class StageEngine:
 
     Args:
         checkpoint (`str` or `os.PathLike`): a local EE checkpoint folder.
-        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"`.
+        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"` (stages spread over every visible GPU by
+            size, see [`hss_ee_hf.server.placement`]), `"cuda:N"` or `"auto"`.
         max_rows (`int`, *optional*): the most rows one request may carry.
         progress (`bool`, *optional*): show a progress bar while loading.
         batch_window_ms (`float`, *optional*, defaults to 0): when positive, concurrent requests for the same
             stage arriving within this many milliseconds are computed as one batch ([`StageBatcher`]).
-        kernel (`str`, *optional*): the CPU ring kernel, `"auto"` (native when a C compiler can build it),
-            `"native"` or `"float64"`; defaults to `$HSS_EE_KERNEL` or `"auto"`. CUDA always uses float64.
+        kernel (`str`, *optional*): the ring kernel, `"auto"` (int8 on CUDA; on CPU native when a C compiler can
+            build it), `"native"`, `"float64"` or `"int8"`; defaults to `$HSS_EE_KERNEL` or `"auto"`.
 
     Example:
 
@@ -65,9 +66,9 @@ class StageEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.max_rows = max_rows
-        self.weights: dict[str, RingWeight] = {}
-        for stage, w_int, _ in iter_stage_weights(folder, self.config, self.info.ring, progress=progress):
-            self.weights[stage.name] = RingWeight(w_int, device=self.device, kernel=kernel)
+        self.weights, self.placement = load_stage_weights(
+            folder, self.config, self.info.ring, self.device, kernel=kernel, progress=progress
+        )
         self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
         held = sum(w.nbytes for w in self.weights.values())
         logger.info(
@@ -81,7 +82,7 @@ class StageEngine:
 
     @property
     def kernel(self) -> str:
-        """`"native"` or `"float64"`: the ring kernel the stage weights are held for."""
+        """`"int8"`, `"native"` or `"float64"`: the ring kernel the stage weights are held for."""
         return next(iter(self.weights.values())).kernel if self.weights else "float64"
 
     @property
