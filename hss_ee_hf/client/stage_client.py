@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils.logging import tqdm
 
 from ..artifacts.checkpoint import HSSEECheckpointInfo
 from ..errors import CheckpointError, TransportError
@@ -103,6 +104,7 @@ class StageClient:
         # One model may serve many threads: the prepared products (each seed is used exactly once), the pool and
         # the counters are shared, so they change under this lock (held for dictionary work only, never a call).
         self._lock = threading.Lock()
+        self._progress = threading.local()  # .bar: this thread's prefill progress bar, see `_advance_progress`
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute") if precompute else None
 
     def run(self, stage: str, x: torch.Tensor) -> torch.Tensor:
@@ -128,11 +130,39 @@ class StageClient:
         rows = x.reshape(-1, in_features)
         if rows.shape[0] == 0:  # the product of no rows is no rows, as in plaintext; nothing to send
             return x.new_zeros(*x.shape[:-1], scale.numel())
-        outs = [
-            self._run_rows(stage, rows[i : i + self.max_rows], scale) for i in range(0, rows.shape[0], self.max_rows)
-        ]
-        y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        if rows.shape[0] <= self.max_rows:
+            self._end_progress()
+            y = self._run_rows(stage, rows, scale)
+        else:
+            step = self.max_rows
+            outs = [self._run_rows(stage, rows[i : i + step], scale) for i in range(0, rows.shape[0], step)]
+            y = torch.cat(outs, dim=0)
+            self._advance_progress(rows.shape[0], len(outs))
         return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], scale.numel())
+
+    def _advance_progress(self, rows: int, requests: int) -> None:
+        """Counts one split stage call on this thread's prefill progress bar (a long prompt's pass can take minutes).
+
+        The bar spans the stages of one pass, is transformers' `tqdm` (so `transformers.utils.logging
+        .disable_progress_bar()` hides it) and belongs to the calling thread, as passes of several threads interleave.
+        """
+        bar = getattr(self._progress, "bar", None)
+        if bar is None:
+            bar = tqdm(
+                total=len(self.in_features),
+                unit="stage",
+                desc=f"HSS-EE prefill: {rows} rows, {requests} requests per stage (max_rows={self.max_rows})",
+            )
+            self._progress.bar = bar
+        bar.update(1)
+        if bar.n >= bar.total:
+            self._end_progress()
+
+    def _end_progress(self) -> None:
+        bar = getattr(self._progress, "bar", None)
+        if bar is not None:
+            bar.close()
+            self._progress.bar = None
 
     def _prepare(self, stage: str, rows: int, in_features: int, out_features: int) -> _Prepared:
         """Party A's output share under a fresh mask, before the data exists (runs on the background worker)."""
