@@ -161,6 +161,8 @@ class StageClient:
     def _end_progress(self) -> None:
         bar = getattr(self._progress, "bar", None)
         if bar is not None:
+            if bar.n < bar.total:  # the pass's last stages took few rows (the lm_head of the last position only)
+                bar.total = bar.n
             bar.close()
             self._progress.bar = None
 

@@ -209,8 +209,8 @@ def client_model(
         timeout=timeout,
         max_rows=max_rows,
         client_class=client_class,
-        **options,
-        **model.load_kwargs,
+        # The factory passes Hub arguments both to the model stand-in and to the pipeline: the explicit ones win.
+        **{**model.load_kwargs, **options},
     )
     return client, True
 
