@@ -9,7 +9,6 @@ shapes: `IndexError`, or wrong tokens).
 
 from __future__ import annotations
 
-import random
 import sys
 import threading
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB, convert_tiny
+from tiny_models import clear_prompts, convert_tiny
 
 from hss_ee_hf import HSSEEForCausalLM
 from hss_ee_hf.client.remote_layers import FusedStage
@@ -31,8 +30,6 @@ NEW_TOKENS = 6
 # The interpreter hands the GIL over every 5 ms by default, so a race between two threads' Python steps shows up
 # only now and then (1 generation in 48 in the issue). Switching every microsecond makes it show up in every run.
 SWITCH_INTERVAL = 1e-6
-# Greedy steps whose two best plaintext logits are closer than this are near-ties (see `_prompts`).
-MIN_MARGIN = 1e-2
 STRESS_CALLS = 5000
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -42,26 +39,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, Path, StageEngine]:
     original, folder, key = convert_tiny("llama", tmp_path_factory.mktemp("concurrency-llama"))
     return original, folder, key, StageEngine(folder)
-
-
-def _prompts(original: torch.nn.Module, count: int, seed: int) -> list[list[int]]:
-    """`count` random prompts of 2 to 9 tokens whose greedy plaintext continuation has no near-tie.
-
-    A near-tie (two top logits within fixed-point noise) may flip under the 16-bit ring encoding even with one
-    thread; such prompts would test the encoding's precision, not thread safety, so they are skipped.
-    """
-    rng = random.Random(seed)
-    prompts: list[list[int]] = []
-    while len(prompts) < count:
-        prompt = [1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(1, 9))]
-        ids = torch.tensor([prompt])
-        out = original.generate(
-            ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-        margins = [float(top[0, 0] - top[0, 1]) for top in (logits.topk(2).values for logits in out.logits)]
-        if min(margins) > MIN_MARGIN:
-            prompts.append(prompt)
-    return prompts
 
 
 def _generate(model, prompt: list[int]) -> list[int]:
@@ -89,7 +66,7 @@ def shared_model(request: pytest.FixtureRequest, tiny) -> Iterator[HSSEEForCausa
 
 def test_threads_sharing_one_model_get_plaintext_tokens(tiny, shared_model: HSSEEForCausalLM) -> None:
     original = tiny[0]
-    prompts = _prompts(original, THREADS * ROUNDS, seed=18)
+    prompts = clear_prompts(original, THREADS * ROUNDS, seed=18, new_tokens=NEW_TOKENS)
     expected = [_generate(original, p) for p in prompts]
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
