@@ -266,7 +266,7 @@ CASES = (
         "model.generate() (T5)",
         "empty encoder input: input_ids of shape (1, 0)",
         "InvalidInputError",
-        "generate() got an empty prompt",
+        "generate() got an empty prompt (0 tokens per sequence); pass at least one token",
         lambda env, t: _generate(env, t, "t5-relu-tied", _ids((1, 0))),
     ),
     Case(
@@ -303,7 +303,7 @@ CASES = (
         "HSSEEForCausalLM.from_pretrained()",
         "option of another version: speculative_rounds=3",
         "UnknownOptionError",
-        "It is neither an hss-ee-hf option (key, endpoints,",
+        "got unknown keyword argument 'speculative_rounds'. It is neither an hss-ee-hf option (key, endpoints,",
         lambda env, t: _load_with(env, t, speculative_rounds=3),
     ),
     Case(
@@ -338,7 +338,7 @@ CASES = (
         "pipeline('hss-ee-image-classification')",
         "empty list: []",
         "InvalidInputError",
-        "got an empty list of inputs",
+        "got an empty list of inputs; pass one input or a non-empty list of them",
         lambda env, t: _pipeline(env, t, "hss-ee-image-classification", "resnet-basic", []),
     ),
     Case(
@@ -353,7 +353,7 @@ CASES = (
         "hss-ee classify",
         "empty image file (0 bytes)",
         "InputFileError",
-        "image file(s) empty (0 bytes)",
+        "image file(s) empty (0 bytes): ",
         _cli_classify_empty_file,
         servers=False,
     ),

@@ -60,6 +60,10 @@ class HSSEEPreTrainedModel:
     """What every client model shares: loading the client side of an EE checkpoint and connecting it.
 
     Subclasses name the transformers Auto mapping their checkpoints' classes come from.
+
+    A client model may be shared by threads (a web app, a gateway): each thread's `generate()` or forward pass keeps
+    its own stage state (see `FusedStage`), and what the threads share (prepared party-A products, counters) changes
+    under a lock. Calls are not serialised: the threads' round trips overlap.
     """
 
     _auto_mapping: Any = None
