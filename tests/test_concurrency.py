@@ -47,11 +47,13 @@ def _generate(model, prompt: list[int]) -> list[int]:
     return out[0].tolist()
 
 
-@pytest.fixture(params=["in-process", "grpc"])
+@pytest.fixture(params=["in-process", "in-process-verified", "grpc"])
 def shared_model(request: pytest.FixtureRequest, tiny) -> Iterator[HSSEEForCausalLM]:
     _, folder, key, engine = tiny
-    if request.param == "in-process":
-        with HSSEEForCausalLM.from_pretrained(folder, key=key, transport=InProcessTransport(engine)) as model:
+    if request.param.startswith("in-process"):
+        verify = request.param.endswith("verified")  # the Freivalds verifier is shared by the threads too
+        transport = InProcessTransport(engine)
+        with HSSEEForCausalLM.from_pretrained(folder, key=key, transport=transport, verify=verify) as model:
             yield model
         return
     servers = [start_server(engine, "127.0.0.1", 0, max_workers=2 * THREADS + 8) for _ in range(2)]
