@@ -105,7 +105,13 @@ class FolderSource(ModelSource):
         self.base_model = base_model
         if not (folder / "config.json").exists():
             raise ConversionError(f"{folder} has no config.json: it is not a Hugging Face checkpoint folder")
-        self.config = _plain_config(AutoConfig.from_pretrained(folder))
+        try:
+            self.config = _plain_config(AutoConfig.from_pretrained(folder))
+        except (OSError, ValueError) as err:  # an empty or truncated config.json: say which file, not a JSON trace
+            raise ConversionError(
+                f"{folder / 'config.json'} cannot be read as a model config ({err}); is it empty or truncated? "
+                "Copy or download the checkpoint again"
+            ) from err
         index = folder / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -170,6 +176,10 @@ class GGUFSource(ModelSource):
         self.folder, self.gguf_file = folder, gguf_file
         if not (folder / gguf_file).exists():
             raise ConversionError(f"GGUF file {folder / gguf_file} does not exist")
+        if (folder / gguf_file).stat().st_size == 0:
+            raise ConversionError(
+                f"GGUF file {folder / gguf_file} is empty (0 bytes): an interrupted download or copy; fetch it again"
+            )
         logger.info("dequantising %s", folder / gguf_file)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         self.config = _plain_config(loaded.config)
@@ -214,6 +224,10 @@ def open_source(
     Raises:
         `ConversionError`: the source does not exist or is not a checkpoint.
     """
+    if not os.fspath(src).strip():  # Path("") is ".", which would convert whatever the current folder holds
+        raise ConversionError(
+            "the source is an empty string; pass a checkpoint folder, a .gguf file or a Hub id in the local cache"
+        )
     path = Path(src).expanduser()
     if gguf_file is not None:
         return GGUFSource(path, gguf_file)

@@ -23,6 +23,16 @@ class InvalidConfigError(HSSEEError, ValueError):
     """A parameter is outside what hss-ee-hf supports (the message says the allowed range)."""
 
 
+class InvalidInputError(HSSEEError, ValueError):
+    """An input the model cannot run on: an empty prompt, a zero-size batch, or a prompt past a context that cannot
+    grow (learned position embeddings). The message says what was given and what to pass instead."""
+
+
+class UnknownOptionError(HSSEEError, TypeError):
+    """A keyword argument is neither an option of hss-ee-hf nor a field of the model's config (a misspelling, or an
+    option of another version); the message lists the valid ones."""
+
+
 class KeyMismatchError(HSSEEError, ValueError):
     """The EE key belongs to another checkpoint (their fingerprints differ)."""
 

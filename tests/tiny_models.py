@@ -114,3 +114,28 @@ def convert_tiny(arch: str, root: Path, seed: int = 0):
     model = save_tiny(arch, src, seed)
     convert(src, out, key)
     return model, out, key
+
+
+def clear_prompts(model, count: int, seed: int, new_tokens: int, min_margin: float = 1e-2) -> list[list[int]]:
+    """`count` random prompts of 2 to 9 tokens whose greedy continuation by `model` has no near-tie.
+
+    A near-tie (two top logits within fixed-point noise) may flip under the ring encoding even on one thread; a test
+    of concurrency or of faults that compares with plaintext skips such prompts, as they test the encoding instead.
+    """
+    import random
+
+    rng = random.Random(seed)
+    prompts: list[list[int]] = []
+    while len(prompts) < count:
+        prompt = [1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(1, 9))]
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        margins = [float(top[0, 0] - top[0, 1]) for top in (logits.topk(2).values for logits in out.logits)]
+        if min(margins) > min_margin:
+            prompts.append(prompt)
+    return prompts

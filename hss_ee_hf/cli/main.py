@@ -263,6 +263,9 @@ class ClassifyCommand(Command):
         missing = [image for image in args.images if not Path(image).is_file()]
         if missing:
             raise InputFileError(f"image file(s) not found: {', '.join(missing)}")
+        empty = [image for image in args.images if Path(image).stat().st_size == 0]
+        if empty:  # Pillow's own message for these ("cannot identify image file") does not say why
+            raise InputFileError(f"image file(s) empty (0 bytes): {', '.join(empty)}; pass the images themselves")
         with HSSEEForImageClassification.from_pretrained(
             args.checkpoint,
             key=args.key,

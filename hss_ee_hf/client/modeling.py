@@ -38,6 +38,8 @@ from ..errors import CheckpointError, HSSEEError
 from ..hub.download import resolve_client_files, resolve_server_files
 from ..transport.base import Transport
 from ..transport.config import HSSEEClientConfig
+from .inputs import check_generate_inputs
+from .options import unknown_option_error
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .stage_client import StageClient
 
@@ -58,6 +60,10 @@ class HSSEEPreTrainedModel:
     """What every client model shares: loading the client side of an EE checkpoint and connecting it.
 
     Subclasses name the transformers Auto mapping their checkpoints' classes come from.
+
+    A client model may be shared by threads (a web app, a gateway): each thread's `generate()` or forward pass keeps
+    its own stage state (see `FusedStage`), and what the threads share (prepared party-A products, counters) changes
+    under a lock. Calls are not serialised: the threads' round trips overlap.
     """
 
     _auto_mapping: Any = None
@@ -109,7 +115,8 @@ class HSSEEPreTrainedModel:
             precompute (`bool`, *optional*, defaults to `True`): ask party A for its products ahead of time (its
                 share never depends on the data), so that each decode step waits only for party B.
             revision, cache_dir, token, local_files_only: as in `transformers`' `from_pretrained`.
-            kwargs: config overrides (e.g. `attn_implementation="eager"`).
+            kwargs: config overrides (e.g. `attn_implementation="eager"`, `use_cache=False`): fields of the
+                checkpoint's config class; anything else raises `UnknownOptionError`.
 
         Returns:
             The client model, in eval mode, float32.
@@ -117,6 +124,7 @@ class HSSEEPreTrainedModel:
         Raises:
             `KeyMismatchError`: the key belongs to another checkpoint.
             `CheckpointError`: the folder is not an EE checkpoint.
+            `UnknownOptionError`: a keyword is neither an option above nor a field of the checkpoint's config.
         """
         folder = resolve_client_files(
             pretrained_model_name_or_path,
@@ -126,7 +134,10 @@ class HSSEEPreTrainedModel:
             local_files_only=local_files_only,
         )
         attn_impl = kwargs.pop("attn_implementation", None)
-        config = AutoConfig.from_pretrained(folder, **kwargs)
+        config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
+        if unused:  # transformers drops keywords that are no config field: a misspelt option would be ignored
+            fields = f"fields of {type(config).__name__} (they override the checkpoint's config.json)"
+            raise unknown_option_error(f"{cls.__name__}.from_pretrained()", unused, config.to_dict(), fields)
         if attn_impl is not None:
             config._attn_implementation = attn_impl
         info = HSSEECheckpointInfo.from_config(config)
@@ -207,6 +218,13 @@ class HSSEEPreTrainedModel:
         if left:
             raise CheckpointError(f"the client shard lacks {left[:5]}; the EE checkpoint is incomplete")
         self.hss_ee_client, self.hss_ee_key, self.hss_ee_info = stage_client, ee_key, info
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' own `generate()`, after refusing an empty prompt, a zero-size batch or a prompt past learned
+        positions, and warning about one past a rotary model's context (see `inputs.py`), before any round trip."""
+        client = self.hss_ee_client
+        check_generate_inputs(self, args, kwargs, stages=len(client.in_features), max_rows=client.max_rows)
+        return super().generate(*args, **kwargs)
 
     @property
     def hss_ee_stats(self):

@@ -9,6 +9,8 @@ puts the EE logits back into the original vocabulary order.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,22 +23,27 @@ class FusedStage:
 
     The first module called with an input runs the stage; the others called with the very same
     input tensor take their slice of that result instead of another round trip.
+
+    Thread safety: one client model may serve many threads at once (a web app, the gateway). The input and parts
+    in flight are kept per thread, because the q, k and v of one forward pass are always called by the thread that
+    runs that pass, while another thread's pass may reach the same stage in between.
     """
 
     def __init__(self, client: StageClient, stage: str, widths: list[int]):
         self.client, self.stage, self.widths = client, stage, widths
-        self._input: torch.Tensor | None = None
-        self._parts: tuple[torch.Tensor, ...] = ()
-        self._pending: set[int] = set()
+        self._local = threading.local()  # .input, .parts, .pending of the pass this thread is running
 
     def output(self, part: int, x: torch.Tensor) -> torch.Tensor:
-        if x is not self._input or part not in self._pending:
-            self._parts = self.client.run(self.stage, x).split(self.widths, dim=-1)
-            self._input, self._pending = x, set(range(len(self.widths)))
-        self._pending.discard(part)
-        out = self._parts[part]
-        if not self._pending:  # every part consumed: drop references to the activations
-            self._input, self._parts = None, ()
+        state = self._local
+        pending = getattr(state, "pending", None)
+        if pending is None or x is not state.input or part not in pending:
+            state.parts = self.client.run(self.stage, x).split(self.widths, dim=-1)
+            pending = set(range(len(self.widths)))
+            state.input, state.pending = x, pending
+        pending.discard(part)
+        out = state.parts[part]
+        if not pending:  # every part consumed: drop references to the activations
+            state.input, state.parts, state.pending = None, (), None
         return out
 
 

@@ -16,11 +16,13 @@ tokens in time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils.logging import tqdm
 
 from ..artifacts.checkpoint import HSSEECheckpointInfo
 from ..errors import CheckpointError, TransportError
@@ -99,6 +101,10 @@ class StageClient:
         # (stage, rows) -> party A's product under a seed prepared ahead of time; one background worker, as
         # party A is one server and its requests need no parallelism.
         self._ready: dict[tuple[str, int], Future] = {}
+        # One model may serve many threads: the prepared products (each seed is used exactly once), the pool and
+        # the counters are shared, so they change under this lock (held for dictionary work only, never a call).
+        self._lock = threading.Lock()
+        self._progress = threading.local()  # .bar: this thread's prefill progress bar, see `_advance_progress`
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute") if precompute else None
 
     def run(self, stage: str, x: torch.Tensor) -> torch.Tensor:
@@ -122,11 +128,43 @@ class StageClient:
         if x.shape[-1] != in_features:
             raise ValueError(f"stage {stage} takes {in_features} features, got shape {tuple(x.shape)}")
         rows = x.reshape(-1, in_features)
-        outs = [
-            self._run_rows(stage, rows[i : i + self.max_rows], scale) for i in range(0, rows.shape[0], self.max_rows)
-        ]
-        y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        if rows.shape[0] == 0:  # the product of no rows is no rows, as in plaintext; nothing to send
+            return x.new_zeros(*x.shape[:-1], scale.numel())
+        if rows.shape[0] <= self.max_rows:
+            self._end_progress()
+            y = self._run_rows(stage, rows, scale)
+        else:
+            step = self.max_rows
+            outs = [self._run_rows(stage, rows[i : i + step], scale) for i in range(0, rows.shape[0], step)]
+            y = torch.cat(outs, dim=0)
+            self._advance_progress(rows.shape[0], len(outs))
         return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], scale.numel())
+
+    def _advance_progress(self, rows: int, requests: int) -> None:
+        """Counts one split stage call on this thread's prefill progress bar (a long prompt's pass can take minutes).
+
+        The bar spans the stages of one pass, is transformers' `tqdm` (so `transformers.utils.logging
+        .disable_progress_bar()` hides it) and belongs to the calling thread, as passes of several threads interleave.
+        """
+        bar = getattr(self._progress, "bar", None)
+        if bar is None:
+            bar = tqdm(
+                total=len(self.in_features),
+                unit="stage",
+                desc=f"HSS-EE prefill: {rows} rows, {requests} requests per stage (max_rows={self.max_rows})",
+            )
+            self._progress.bar = bar
+        bar.update(1)
+        if bar.n >= bar.total:
+            self._end_progress()
+
+    def _end_progress(self) -> None:
+        bar = getattr(self._progress, "bar", None)
+        if bar is not None:
+            if bar.n < bar.total:  # the pass's last stages took few rows (the lm_head of the last position only)
+                bar.total = bar.n
+            bar.close()
+            self._progress.bar = None
 
     def _prepare(self, stage: str, rows: int, in_features: int, out_features: int) -> _Prepared:
         """Party A's output share under a fresh mask, before the data exists (runs on the background worker)."""
@@ -135,37 +173,44 @@ class StageClient:
         return seed, a, self.transport.run_party(0, self.info.fingerprint, stage, only_a, out_features)
 
     def _schedule(self, stage: str, rows: int, in_features: int, out_features: int) -> None:
-        if self._pool is None or rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
-            return
-        try:
-            self._ready[(stage, rows)] = self._pool.submit(self._prepare, stage, rows, in_features, out_features)
-        except RuntimeError:  # the pool is shut down (the client was closed)
-            pass
+        with self._lock:
+            if self._pool is None or rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
+                return
+            try:
+                self._ready[(stage, rows)] = self._pool.submit(self._prepare, stage, rows, in_features, out_features)
+            except RuntimeError:  # the pool is shut down (the client was closed)
+                pass
 
     def _prepared(self, stage: str, rows: int) -> _Prepared | None:
         """A prepared party-A product for this stage and shape, or `None` (then both servers are asked)."""
-        future = self._ready.pop((stage, rows), None)
+        with self._lock:  # a prepared seed goes to exactly one caller
+            future = self._ready.pop((stage, rows), None)
         if future is None:
             return None
         try:
             return future.result()
         except NotImplementedError:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None  # this transport cannot call one server: ask both, always
+            with self._lock:
+                pool, self._pool = self._pool, None  # this transport cannot call one server: ask both, always
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         except TransportError as err:  # a failed background call: the ordinary path retries and reports it
             logger.debug("precomputed product for %s unavailable (%s); asking both servers", stage, type(err).__name__)
         return None
 
     def wait_prepared(self) -> None:
         """Waits until every party-A product asked for ahead of time has arrived (or failed)."""
-        wait(list(self._ready.values()))
+        with self._lock:
+            pending = list(self._ready.values())
+        wait(pending)
 
     def close(self) -> None:
         """Stops preparing party A's products (the transport is closed by its owner)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-        self._ready.clear()
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._ready.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -179,7 +224,8 @@ class StageClient:
             shares = share_with(encoded, seed, a)
             shared = time.perf_counter()
             y_b = self.transport.run_party(1, self.info.fingerprint, stage, shares, out_features)
-            self.stats.precomputed += 1
+            with self._lock:
+                self.stats.precomputed += 1
         else:
             shares = share(encoded)
             shared = time.perf_counter()
@@ -188,13 +234,14 @@ class StageClient:
         self._schedule(stage, rows, in_features, out_features)
         y = decode_output(reconstruct(y_a, y_b), scale, x.shape[-1], self.info.ring)
         st = self.stats
-        st.share_seconds += shared - start - waited
-        st.wait_seconds += received - shared + waited
-        st.decode_seconds += time.perf_counter() - received
-        st.round_trips += 1
-        st.rows += x.shape[0]
-        st.bytes_sent += len(shares.seed) + shares.b.numel() * 8
-        st.bytes_received += 2 * y_a.numel() * 8
-        st.seconds += time.perf_counter() - start
-        st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
+        with self._lock:  # `+=` on shared counters is not atomic across threads
+            st.share_seconds += shared - start - waited
+            st.wait_seconds += received - shared + waited
+            st.decode_seconds += time.perf_counter() - received
+            st.round_trips += 1
+            st.rows += rows
+            st.bytes_sent += len(shares.seed) + shares.b.numel() * 8
+            st.bytes_received += 2 * y_a.numel() * 8
+            st.seconds += time.perf_counter() - start
+            st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
         return y

@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from ..artifacts.key import EEKey
 from ..client.auto import load_client
 from ..client.modeling import HSSEEForCausalLM, HSSEEPreTrainedModel
-from ..errors import HSSEEError
+from ..client.options import LOADER_OPTIONS, generation_keywords, unknown_option_error
+from ..errors import HSSEEError, InvalidInputError
 from ..transport.base import Transport
 from ..transport.config import HSSEEClientConfig
 
@@ -78,6 +79,9 @@ class HSSEEPipelineMixin:
         **kwargs: Any,
     ):
         options = dict(client_config=client_config, verify=verify, verify_rows=verify_rows, precompute=precompute)
+        # The loaders' other options (Hub arguments, newer options) go to the loader, not to transformers' Pipeline,
+        # which would hand them to generate() as unknown model inputs.
+        options.update({name: kwargs.pop(name) for name in list(kwargs) if name in LOADER_OPTIONS})
         model, owns_model = client_model(
             model,
             self._task,
@@ -92,11 +96,39 @@ class HSSEEPipelineMixin:
         try:
             kwargs = self._with_preprocessor(model, kwargs)
             super().__init__(model, *args, device=model.device if device is None else device, **kwargs)
+            self._check_generate_kwargs()
         except BaseException:
             if owns_model:
                 model.close()
             raise
         self._owns_model = owns_model
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' own `__call__`, after refusing an empty list of inputs (transformers fails on it with
+        `IndexError: list index out of range`).
+
+        Raises:
+            `InvalidInputError`: `inputs` is an empty list or tuple.
+        """
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            raise InvalidInputError(
+                f"pipeline({self._task!r}) got an empty list of inputs; pass one input or a non-empty list of them"
+            )
+        return super().__call__(inputs, *args, **kwargs)
+
+    def _check_generate_kwargs(self) -> None:
+        """Refuses, when the pipeline is built, keywords its `generate()` calls would refuse only on the first input.
+
+        Raises:
+            `UnknownOptionError`: a keyword is neither a loader option, a pipeline argument nor a generation flag.
+        """
+        forward = getattr(self, "_forward_params", None) or {}
+        if not self._pipeline_calls_generate or not forward:
+            return
+        unknown = set(forward) - generation_keywords(self.model)
+        if unknown:
+            where = f"pipeline({self._task!r})"
+            raise unknown_option_error(where, unknown, generation_keywords(self.model), "generation flags")
 
     def _with_preprocessor(self, model: HSSEEPreTrainedModel, kwargs: dict[str, Any]) -> dict[str, Any]:
         """`kwargs` with the task's tokenizer or image processor, from the EE checkpoint unless one was passed."""
@@ -177,8 +209,8 @@ def client_model(
         timeout=timeout,
         max_rows=max_rows,
         client_class=client_class,
-        **options,
-        **model.load_kwargs,
+        # The factory passes Hub arguments both to the model stand-in and to the pipeline: the explicit ones win.
+        **{**model.load_kwargs, **options},
     )
     return client, True
 
