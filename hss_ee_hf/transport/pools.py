@@ -234,21 +234,29 @@ def _replica_ips(replica: Replica, party: str, resolve: Resolver) -> list[str]:
 
 
 def tls_target_name(pools: PartyPools, party: int, server_name: str | None) -> str | None:
-    """The name a pool's replicas must carry in their certificates (a pool's target has no host name of its own).
+    """The name a party's servers must carry in their certificates, or `None` to check the host as usual.
 
-    Returns `server_name` when given, else the host shared by every replica (same name, several ports), else
-    `None` for a single address (gRPC checks its host as usual).
+    `server_name` is one name for both parties, or `"NAME_A,NAME_B"`: two operators issue their certificates
+    from their own CAs, usually for names of their own. Without it, a pool uses the host shared by every replica
+    (same name, several ports): a pool's target has no host name of its own.
 
     Raises:
-        `EndpointError`: a pool of different host names with TLS and no `server_name`.
+        `EndpointError`: `server_name` has more than two names, or a pool of different host names has no name.
     """
-    if server_name or not pools.is_pool(party):
-        return server_name
+    names = [n.strip() for n in server_name.split(",")] if server_name else []
+    if len(names) > 2 or not all(names):
+        raise EndpointError(
+            f"tls_server_name {server_name!r} must be one name, or two separated by a comma (party A's, party B's)"
+        )
+    if names:
+        return names[party] if len(names) == 2 else names[0]
+    if not pools.is_pool(party):
+        return None
     hosts = {r.host for r in pools.replicas[party]}
     if len(hosts) == 1:
         return hosts.pop()
     raise EndpointError(
         f"party {PARTY_NAMES[party]}: the TLS replicas {pools.names[party]} have different host names, and one "
         "channel checks one name; give every replica of the party a certificate with a common name in its SAN and "
-        "pass it as `--tls-server-name` (`HSSEEClientConfig(tls_server_name=...)`)"
+        "pass it as `--tls-server-name NAME_A,NAME_B` (`HSSEEClientConfig(tls_server_name=...)`)"
     )

@@ -74,8 +74,8 @@ def client_channel_options(
     Args:
         config (`HSSEEClientConfig`): retries, backoff and TLS settings.
         message_limit (`int`): send/receive limit in bytes; also the size of request kept for a retry.
-        target_name (`str`, *optional*): the name the replicas' certificates must carry (a pool's target has no
-            host name of its own); `config.tls_server_name` when omitted.
+        target_name (`str`, *optional*): the name the party's certificates must carry
+            ([`hss_ee_hf.transport.pools.tls_target_name`]); the host of the target when omitted.
 
     Returns:
         `list[tuple[str, Any]]`: options for `grpc.insecure_channel` / `grpc.secure_channel`.
@@ -93,9 +93,8 @@ def client_channel_options(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    name = target_name or config.tls_server_name
-    if name and config.uses_tls:
-        options.append(("grpc.ssl_target_name_override", name))
+    if target_name and config.uses_tls:
+        options.append(("grpc.ssl_target_name_override", target_name))
     return options
 
 
