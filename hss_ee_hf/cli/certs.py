@@ -87,7 +87,9 @@ def load_or_make_ca(out: Path, common_name: str, days: int) -> tuple[x509.Certif
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         except ValueError as err:
-            raise InputFileError(f"cannot read the CA in {out} ({err}); remove ca.pem and ca.key to make a new one") from err
+            raise InputFileError(
+                f"cannot read the CA in {out} ({err}); remove ca.pem and ca.key to make a new one"
+            ) from err
         return cert, key
     if cert_path.exists() or key_path.exists():
         raise InputFileError(f"{out} holds only one of ca.pem and ca.key; restore the other or remove both")
