@@ -175,11 +175,17 @@ def mtls_endpoint(engine: StageEngine, pki: Pki) -> Iterator[str]:
     )
 
 
+def _other_spelling(endpoint: str) -> str:
+    host, port = endpoint.rsplit(":", 1)
+    return f"{'localhost' if host == '127.0.0.1' else '127.0.0.1'}:{port}"
+
+
 def _run(endpoint: str, config: HSSEEClientConfig) -> None:
     """One exact stage call through `endpoint` used as both parties."""
     x = torch.arange(2 * HIDDEN, dtype=torch.int64).view(2, HIDDEN)
     shares = share(x)
-    with GrpcTransport((endpoint, endpoint), config=config) as transport:
+    # The same server under a second spelling: a client refuses one address in both pools (pools.py).
+    with GrpcTransport((endpoint, _other_spelling(endpoint)), config=config) as transport:
         y_a, y_b = transport.run_stage(FINGERPRINT, "layers.0.qkv", shares, out_features=64)
     assert y_a.shape == (2, 64) and y_b.shape == (2, 64)
 

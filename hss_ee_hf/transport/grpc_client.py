@@ -179,7 +179,9 @@ class GrpcTransport(Transport):
             ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.max_backoff * 1000))),
         ]
         name = [tls_target_name(pools, party, config.tls_server_name) if config.uses_tls else None for party in (0, 1)]
-        self._options = tuple(client_channel_options(config, limit, name[party]) + reconnect for party in (0, 1))
+        self._options = tuple(
+            client_channel_options(config, limit, name[party], pools.is_pool(party)) + reconnect for party in (0, 1)
+        )
         secure = (lambda t, o: grpc.secure_channel(t, credentials, options=o)) if credentials else None
         self._channels = tuple(
             (secure or grpc.insecure_channel)(grpc_target(pools, party), options=self._options[party])

@@ -39,12 +39,15 @@ def _seconds(value: float) -> str:
     return f"{max(value, 0.001):.3f}s"
 
 
-def service_config(config: HSSEEClientConfig) -> dict[str, Any]:
+def service_config(config: HSSEEClientConfig, pool: bool = True) -> dict[str, Any]:
     """The service config of a channel to one party (one address or a pool of replicas).
 
     Args:
         config (`HSSEEClientConfig`): `retries` and the backoff settings give the unary retry policy (at most
             4 retries, gRPC's cap; `retries=0` turns gRPC's retries off).
+        pool (`bool`, *optional*, defaults to `True`): the channel reaches a pool of replicas: `round_robin` over
+            the healthy ones. A single address keeps gRPC's `pick_first`, which reconnects at once when a call
+            needs it (round_robin reconnects on its own backoff schedule).
 
     Returns:
         `dict`: the service config; `json.dumps` it into the `grpc.service_config` channel option.
@@ -58,6 +61,8 @@ def service_config(config: HSSEEClientConfig) -> dict[str, Any]:
             "backoffMultiplier": config.backoff_multiplier,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
+    if not pool:
+        return {"methodConfig": [method]}
     return {
         "loadBalancingConfig": [{"round_robin": {}}],
         # "" is the server as a whole; `hss-ee serve` turns it NOT_SERVING when it starts to shut down.
@@ -67,7 +72,7 @@ def service_config(config: HSSEEClientConfig) -> dict[str, Any]:
 
 
 def client_channel_options(
-    config: HSSEEClientConfig, message_limit: int, target_name: str | None = None
+    config: HSSEEClientConfig, message_limit: int, target_name: str | None = None, pool: bool = True
 ) -> list[tuple[str, Any]]:
     """The options of a channel to one party: message limits, service config, retry buffer, keepalive, TLS name.
 
@@ -76,6 +81,7 @@ def client_channel_options(
         message_limit (`int`): send/receive limit in bytes; also the size of request kept for a retry.
         target_name (`str`, *optional*): the name the party's certificates must carry
             ([`hss_ee_hf.transport.pools.tls_target_name`]); the host of the target when omitted.
+        pool (`bool`, *optional*, defaults to `True`): the channel reaches several replicas (see [`service_config`]).
 
     Returns:
         `list[tuple[str, Any]]`: options for `grpc.insecure_channel` / `grpc.secure_channel`.
@@ -83,7 +89,7 @@ def client_channel_options(
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", message_limit),
         ("grpc.max_receive_message_length", message_limit),
-        ("grpc.service_config", json.dumps(service_config(config))),
+        ("grpc.service_config", json.dumps(service_config(config, pool))),
         ("grpc.enable_retries", 1),
         # Above the largest request, else gRPC commits a large call at once and never retries it.
         ("grpc.per_rpc_retry_buffer_size", message_limit),
