@@ -182,7 +182,7 @@ class GrpcTransport(Transport):
         self._options = tuple(
             client_channel_options(config, limit, name[party], pools.is_pool(party)) + reconnect for party in (0, 1)
         )
-        secure = (lambda t, o: grpc.secure_channel(t, credentials, options=o)) if credentials else None
+        secure = (lambda t, options: grpc.secure_channel(t, credentials, options=options)) if credentials else None
         self._channels = tuple(
             (secure or grpc.insecure_channel)(grpc_target(pools, party), options=self._options[party])
             for party in (0, 1)

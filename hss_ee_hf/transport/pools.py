@@ -188,8 +188,9 @@ def _resolve(host: str, port: int) -> list[str]:
 def grpc_target(pools: PartyPools, party: int, resolve: Resolver = _resolve) -> str:
     """The gRPC channel target of one party.
 
-    A single address is returned as given (gRPC resolves it). A pool becomes an `ipv4:` or `ipv6:` target listing every replica; DNS names in it are resolved here,
-    once, at connect, and a resolved address also found in the other party's pool is refused.
+    A single address is returned as given (gRPC resolves it). A pool becomes an `ipv4:` or `ipv6:` target listing
+    every replica; DNS names in it are resolved here, once, at connect, and a resolved address also found in the
+    other party's pool is refused.
 
     Raises:
         `EndpointError`: a name does not resolve, or the pool mixes IPv4 and IPv6 replicas.
