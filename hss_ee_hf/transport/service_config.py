@@ -52,7 +52,8 @@ def service_config(config: HSSEEClientConfig, pool: bool = True) -> dict[str, An
     Returns:
         `dict`: the service config; `json.dumps` it into the `grpc.service_config` channel option.
     """
-    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME}]}
+    # Unary methods only: the transport retries streams itself, and two layers of retries would multiply.
+    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME, "method": m} for m in ("Stage", "Describe")]}
     if config.retries > 0:
         method["retryPolicy"] = {
             "maxAttempts": min(GRPC_MAX_ATTEMPTS, config.retries + 1),
