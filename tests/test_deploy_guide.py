@@ -66,7 +66,7 @@ def test_deploy_guide_commands_run_on_loopback(tmp_path: Path):
             text = text.replace(f"{name}.example.org:50051", f"127.0.0.1:{port}")
         if host is not None:  # a server: its own port, loopback only, one compute thread (a small runner)
             text = text.replace("--host 0.0.0.0", "--host 127.0.0.1").replace("--port 50051", f"--port {ports[host]}")
-            text = text.strip() + " --threads 1 --max-workers 8\n"
+            text = text.strip() + " --threads 1 --workers 8\n"
         return text
 
     servers: list[subprocess.Popen] = []
