@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -141,7 +142,7 @@ class CertsCommand(Command):
             help="DNS name or IP clients use to reach the server (repeat for several; all go in the SAN)",
         )
         p.add_argument("--client-name", metavar="NAME", help="also write a client certificate (mutual TLS) for NAME")
-        p.add_argument("--ca-name", default="hss-ee private CA", help="common name of a new CA")
+        p.add_argument("--ca-name", help="common name of a new CA (default: unique, naming OUTDIR)")
         p.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
         p.add_argument("--force", action="store_true", help="overwrite existing server/client certificates")
 
@@ -155,7 +156,9 @@ class CertsCommand(Command):
         existing = [f"{out / stem}.pem" for stem, _, _ in wanted if (out / f"{stem}.pem").exists()]
         if existing and not args.force:
             raise InputFileError(f"{', '.join(existing)} exists; pass --force to replace it")
-        ca = load_or_make_ca(out, args.ca_name, days=max(args.days, 3650))
+        # Two CAs with one name in a client's trust bundle make TLS pick the wrong one: a new CA's name is unique.
+        ca_name = args.ca_name or f"hss-ee private CA {out.resolve().name} {secrets.token_hex(4)}"
+        ca = load_or_make_ca(out, ca_name, days=max(args.days, 3650))
         for stem, names, server in wanted:
             cert, key = issue(ca, names, server=server, days=args.days)
             _write(out / f"{stem}.key", _key_pem(key), private=True)
