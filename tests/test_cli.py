@@ -17,7 +17,7 @@ from tiny_models import save_tiny
 from hss_ee_hf import EEKey, HSSEECheckpointInfo
 from hss_ee_hf.cli.main import build_parser, main
 
-SUBCOMMANDS = ("convert", "serve", "generate", "classify", "push", "demo", "gateway")
+SUBCOMMANDS = ("convert", "serve", "generate", "classify", "push", "demo", "gateway", "certs")
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -333,7 +333,8 @@ def test_ten_thousand_fuzzed_requests_get_the_right_status(fuzz_server, caplog: 
     # The server still computes exactly after the storm.
     x = torch.randint(-(2**63), 2**63 - 1, (3, 32), dtype=torch.int64, generator=torch.Generator().manual_seed(9))
     config = HSSEEClientConfig(token=TOKEN, timeout=5.0)
-    with GrpcTransport((endpoint, endpoint), config=config) as transport:
+    # The same server under a second spelling: a client refuses one address in both pools (pools.py).
+    with GrpcTransport((endpoint, endpoint.replace("127.0.0.1", "localhost")), config=config) as transport:
         y_a, y_b = transport.run_stage(FINGERPRINT, "layers.0.qkv", share(x), out_features=64)
     expected = torch.frombuffer(
         bytearray(engine.compute(FINGERPRINT, "layers.0.qkv", 3, share=x.numpy().tobytes())), dtype=torch.int64

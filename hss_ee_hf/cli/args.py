@@ -8,6 +8,8 @@ import os
 from ..server.security import HSSEEServerSecurity
 from ..transport.config import DEFAULT_RETRIES, DEFAULT_TIMEOUT, TOKEN_ENV, HSSEEClientConfig
 
+POOL_HELP = "host:port of server A and of server B; a pool of replicas of one party is written h1:port,h2:port"
+
 
 def add_server_security_args(parser: argparse.ArgumentParser) -> None:
     """Adds `--tls-cert`, `--tls-key`, `--tls-client-ca` and `--token-file` to a server's parser.
@@ -54,7 +56,10 @@ def add_client_security_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", help="PEM CA that signed the servers' certificates (enables TLS)")
     group.add_argument("--tls-cert", help="PEM client certificate for mutual TLS (needs --tls-key)")
     group.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    group.add_argument("--tls-server-name", help="name expected in the servers' certificates, if not the host")
+    group.add_argument(
+        "--tls-server-name",
+        help="name expected in the servers' certificates, if not the host (NAME_A,NAME_B: one per party)",
+    )
     group.add_argument(
         "--token-file", help=f"file holding the bearer token (or set {TOKEN_ENV}); never pass a token inline"
     )

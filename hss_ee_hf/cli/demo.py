@@ -86,8 +86,8 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
         timeout (`float`, *optional*): seconds to wait for them to answer.
         extra_args (`list[str]`, *optional*): more `hss-ee serve` flags (e.g. `["--device", "cuda"]`).
     """
-    from ..transport.config import HSSEEClientConfig
-    from ..transport.grpc_client import GrpcTransport
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     procs, endpoints, logs = [], [], []
     try:
@@ -105,13 +105,11 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
                     log.seek(0)
                     err = log.read().decode(errors="replace")[-2000:]
                     raise TransportError(endpoint, f"server exited with status {proc.returncode}:\n{err}")
-                try:
-                    with GrpcTransport(
-                        (endpoint, endpoint), config=HSSEEClientConfig(timeout=2.0, retries=0)
-                    ) as probe:
-                        probe.describe()
+                try:  # ready once it answers the health service (one server; never sent to it as both parties)
+                    with grpc.insecure_channel(endpoint) as channel:
+                        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
                     break
-                except TransportError:
+                except grpc.RpcError:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)

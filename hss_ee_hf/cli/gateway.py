@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .args import POOL_HELP
 from .base import Command
 
 
@@ -18,7 +19,7 @@ class GatewayCommand(Command):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
         p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
+        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help=POOL_HELP)
         p.add_argument(
             "--host",
             default="127.0.0.1",

@@ -12,6 +12,7 @@ import sys
 
 from ..artifacts.stages import VISION_FAMILY
 from ..errors import CheckpointError, HSSEEError, InputFileError
+from .args import POOL_HELP
 from .base import Command
 
 logger = logging.getLogger("hss_ee_hf")
@@ -171,7 +172,7 @@ class GenerateCommand(Command):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
         p.add_argument("prompt", help="the prompt (with --chat: the user message)")
         p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
+        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help=POOL_HELP)
         p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
         p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the chat template")
         p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -244,7 +245,7 @@ class ClassifyCommand(Command):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
         p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
         p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
+        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help=POOL_HELP)
         p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default 5)")
         p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
@@ -299,6 +300,7 @@ class DemoCommand(Command):
 
 
 def _commands() -> tuple[Command, ...]:
+    from .certs import CertsCommand
     from .gateway import GatewayCommand
     from .push import PushCommand
 
@@ -310,6 +312,7 @@ def _commands() -> tuple[Command, ...]:
         PushCommand(),
         DemoCommand(),
         GatewayCommand(),
+        CertsCommand(),
     )
 
 

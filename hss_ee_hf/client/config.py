@@ -22,7 +22,8 @@ class HSSEEConfig(PreTrainedConfig):
     Args:
         checkpoint (`str`, *optional*): the EE checkpoint, a local folder (absolute, or relative to the current
             directory) or a Hub repo id. When unset, the path given to `from_pretrained` is the checkpoint.
-        endpoints (`list[str]`, *optional*): `host:port` of share server A and share server B.
+        endpoints (`list`, *optional*): `host:port` of share server A and share server B; each may be a pool of
+            replicas instead (`"a1:port,a2:port"` or a list of addresses).
         timeout (`float`, *optional*): per-call deadline in seconds; unset, the `client_config`'s deadline applies
             (`HSSEEClientConfig.timeout`, 60 s by default).
         max_rows (`int`, *optional*, defaults to 4096): the most rows the client sends in one request.
@@ -40,7 +41,7 @@ class HSSEEConfig(PreTrainedConfig):
     model_type = "hss_ee"
 
     checkpoint: str | None = None
-    endpoints: list[str] | None = None
+    endpoints: list[str | list[str]] | None = None
     timeout: float | None = None
     max_rows: int = 4096
 
@@ -50,10 +51,11 @@ class HSSEEConfig(PreTrainedConfig):
         if self.endpoints is not None:
             if isinstance(self.endpoints, str) or len(self.endpoints) != 2:
                 raise ValueError(
-                    "HSSEEConfig.endpoints must be two 'host:port' strings (server A, server B), "
-                    f"got {self.endpoints!r}"
+                    "HSSEEConfig.endpoints must be two 'host:port' strings (server A, server B), or two pools of "
+                    f"them ('a1:port,a2:port' or a list), got {self.endpoints!r}"
                 )
-            self.endpoints = [str(e) for e in self.endpoints]
+            # A pool stays a list (JSON-serialisable); a single address stays a string.
+            self.endpoints = [e if isinstance(e, str) else [str(a) for a in e] for e in self.endpoints]
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"HSSEEConfig.timeout must be positive seconds, got {self.timeout!r}")
         if not (isinstance(self.max_rows, int) and self.max_rows > 0):

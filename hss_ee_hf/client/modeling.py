@@ -50,7 +50,10 @@ def _make_transport(endpoints, transport: Transport | None, timeout: float | Non
     if transport is not None:
         return transport
     if endpoints is None or len(endpoints) != 2:
-        raise ValueError('pass endpoints=("hostA:port", "hostB:port") (two share servers) or a transport')
+        raise ValueError(
+            'pass endpoints=("hostA:port", "hostB:port") (two share servers, or two pools of replicas such as '
+            '(("a1:port", "a2:port"), ("b1:port", "b2:port"))) or a transport'
+        )
     from ..transport.grpc_client import GrpcTransport
 
     return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
@@ -100,7 +103,8 @@ class HSSEEPreTrainedModel:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a local EE checkpoint folder or a Hub
                 repo id (only the client files are downloaded).
             key (`EEKey` or path): the secret key written by `hss-ee convert`.
-            endpoints (`tuple[str, str]`, *optional*): `host:port` of share servers A and B.
+            endpoints (`tuple`, *optional*): `host:port` of share servers A and B, or of two pools of replicas
+                (`(("a1:p", "a2:p"), ("b1:p", "b2:p"))`); an address in both pools is refused.
             transport (`Transport`, *optional*): a ready transport instead of `endpoints` (e.g.
                 `InProcessTransport` for a single-machine trial).
             client_config (`HSSEEClientConfig`, *optional*): TLS / mutual TLS, bearer token, deadline and retries

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ..artifacts.checkpoint import short
 from ..errors import HSSEEError
 from ..transport.base import PROTOCOL_VERSION
+from ..transport.service_config import server_keepalive_options
 from .engine import DEFAULT_MAX_ROWS, StageEngine
 from .security import HSSEEServerSecurity
 from .servicer import SERVICE_NAME, ShareServicer, share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
@@ -99,6 +100,7 @@ def _start(
             ("grpc.max_receive_message_length", limit),
             # Without this a second server could bind the same port and silently take half the requests.
             ("grpc.so_reuseport", 0),
+            *server_keepalive_options(),  # answers the clients' keepalive pings; finds clients gone silently
         ],
     )
     # A quarter of the workers (at least two) always stay free for unary calls and health checks.

@@ -111,7 +111,8 @@ class HSSEEClientConfig:
             (mutual TLS). Needs `tls_client_key`.
         tls_client_key (`str` or `os.PathLike`, *optional*): PEM private key of `tls_client_cert`.
         tls_server_name (`str`, *optional*): the name to expect in the servers' certificates when it differs
-            from the host in the endpoint (e.g. connecting by IP to a certificate issued for a DNS name).
+            from the host in the endpoint (e.g. connecting by IP to a certificate issued for a DNS name, or to a
+            pool of replicas). `"NAME_A,NAME_B"` gives one name per party.
         token (`str`, *optional*): bearer token sent with every call (`authorization: Bearer ...`).
             Prefer `token_file` or the `HSS_EE_TOKEN` environment variable to typing it in a command line.
         token_file (`str` or `os.PathLike`, *optional*): file whose first token line is the bearer token.

@@ -27,7 +27,10 @@ from ..errors import TransportError
 from ..ring.sharing import Shares
 from .base import PROTOCOL_VERSION, Transport, bytes_to_share
 from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
+from .pools import grpc_target, parse_endpoints, tls_target_name
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+from .replicas import describe_replicas
+from .service_config import client_channel_options
 from .streams import STREAM_LIMIT_DETAILS, StreamPool, Watchdog
 
 logger = logging.getLogger(__name__)
@@ -121,7 +124,9 @@ class GrpcTransport(Transport):
     """Runs stages on two share servers over gRPC, both calls in flight at once.
 
     Args:
-        endpoints (`tuple[str, str]`): `host:port` of party A and party B.
+        endpoints (`Sequence`): party A and party B, each a `host:port`, or a pool of replicas of the same
+            checkpoint (`"a1:port,a2:port"` or `("a1:port", "a2:port")`) over which calls are spread
+            (`round_robin`, healthy replicas only). An address in both pools is refused (`SharedAddressError`).
         timeout (`float`, *optional*): seconds one call (one attempt) may take before it fails with
             `DEADLINE_EXCEEDED`. Defaults to `config.timeout` (60.0).
         max_message_bytes (`int`, *optional*): send/receive limit of the channels. Defaults to
@@ -150,8 +155,7 @@ class GrpcTransport(Transport):
         max_message_bytes: int | None = None,
         config: HSSEEClientConfig | None = None,
     ):
-        if isinstance(endpoints, str) or len(endpoints) != 2 or not all(isinstance(e, str) and e for e in endpoints):
-            raise ValueError(f"endpoints must be two 'host:port' strings (party A, party B), got {endpoints!r}")
+        pools = parse_endpoints(endpoints)  # refuses an address in both pools before any request
         config = config if config is not None else HSSEEClientConfig()
         timeout = config.timeout if timeout is None else timeout
         if not timeout > 0:
@@ -161,25 +165,28 @@ class GrpcTransport(Transport):
         limit = GRPC_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes
         if not 0 < limit <= GRPC_MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must be in (0, {GRPC_MAX_MESSAGE_BYTES}], got {limit}")
-        self.endpoints = (endpoints[0], endpoints[1])
+        self.pools = pools
+        self.endpoints = pools.names  # party A's and party B's addresses, comma-separated for a pool
         self.timeout = timeout
         self.config = config
-        self.retried = 0  # retry attempts made so far (observability; tests read it)
+        self.retried = 0  # retry attempts made so far by this transport (gRPC's own unary retries not counted)
         self.streamed = 0  # stage calls answered on a stream (the rest were unary)
-        config.check_endpoints(self.endpoints)
-        credentials = config.channel_credentials()
+        config.check_endpoints([a for pool in pools.addresses for a in pool])
+        self._credentials = credentials = config.channel_credentials()
         initial_ms = max(_MIN_RECONNECT_BACKOFF_MS, int(config.initial_backoff * 1000))
-        options = [
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
+        reconnect = [
             ("grpc.initial_reconnect_backoff_ms", initial_ms),
             ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.max_backoff * 1000))),
-            *config.channel_options(),
         ]
-        if credentials is None:
-            self._channels = tuple(grpc.insecure_channel(e, options=options) for e in self.endpoints)
-        else:
-            self._channels = tuple(grpc.secure_channel(e, credentials, options=options) for e in self.endpoints)
+        name = [tls_target_name(pools, party, config.tls_server_name) if config.uses_tls else None for party in (0, 1)]
+        self._options = tuple(
+            client_channel_options(config, limit, name[party], pools.is_pool(party)) + reconnect for party in (0, 1)
+        )
+        secure = (lambda t, options: grpc.secure_channel(t, credentials, options=options)) if credentials else None
+        self._channels = tuple(
+            (secure or grpc.insecure_channel)(grpc_target(pools, party), options=self._options[party])
+            for party in (0, 1)
+        )
         self._stubs = tuple(hss_ee_pb2_grpc.ShareServerStub(channel) for channel in self._channels)
         self._metadata = config.call_metadata()
         self._watchdog = Watchdog()
@@ -224,7 +231,8 @@ class GrpcTransport(Transport):
                     raise TransportError(endpoint, f"{late}; {_ADVICE['DEADLINE_EXCEEDED']}") from err
                 if streamed and self._stream_refused(party, code, err):
                     continue  # the same call, unary, at once: nothing was computed
-                if code in RETRYABLE_CODES and attempt < self.config.retries and not abandon.is_set():
+                # gRPC's retry policy has already retried a unary call (service_config.py); streams are retried here.
+                if streamed and code in RETRYABLE_CODES and attempt < self.config.retries and not abandon.is_set():
                     delay = self._backoff(attempt)
                     attempt += 1
                     with self._lock:
@@ -341,10 +349,21 @@ class GrpcTransport(Transport):
 
         Raises:
             `TransportError`: naming the first server that is unreachable, serves another checkpoint, or speaks
-                another protocol version.
+                another protocol version. Every replica of a pool is asked on its own (one that is down is skipped
+                with a warning; see [`hss_ee_hf.transport.replicas`]).
         """
         infos = self.describe()
-        for info in infos:
+        replicas = [
+            {"endpoint": address, "fingerprint": reply.fingerprint, "protocol_version": reply.protocol_version}
+            for party in (0, 1)
+            if self.pools.is_pool(party)
+            for address, reply in describe_replicas(
+                self.pools, party, self._credentials, self._options[party], self._metadata, self.timeout
+            )
+        ]
+        # A pool's own answer came from one replica; its replicas were each asked above and are named one by one.
+        singles = [info for party, info in enumerate(infos) if not self.pools.is_pool(party)]
+        for info in (*singles, *replicas):
             if info["fingerprint"] != fingerprint:
                 raise TransportError(
                     info["endpoint"],
