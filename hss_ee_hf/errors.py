@@ -93,3 +93,7 @@ class PushRefusedError(HSSEEError, ValueError):
 
 class HubUploadError(HSSEEError, OSError):
     """The Hub refused or could not receive the upload (network, permissions, offline mode)."""
+
+
+class ScheduleUnavailableError(HSSEEError, ValueError):
+    """The client asked for a stages-per-layer schedule that a share server (or the model's family) does not offer."""

@@ -29,6 +29,11 @@ class FusedStage:
         self._parts: tuple[torch.Tensor, ...] = ()
         self._pending: set[int] = set()
 
+    def preset(self, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> None:
+        """Makes the parts' next call with the very tensor `x` return `parts` without a round trip: the two-stage
+        schedule computed this stage's output in an earlier, fused round trip."""
+        self._input, self._parts, self._pending = x, tuple(parts), set(range(len(self.widths)))
+
     def output(self, part: int, x: torch.Tensor) -> torch.Tensor:
         if x is not self._input or part not in self._pending:
             self._parts = self.client.run(self.stage, x).split(self.widths, dim=-1)
