@@ -38,6 +38,7 @@ from ..errors import CheckpointError, HSSEEError, ScheduleUnavailableError
 from ..hub.download import resolve_client_files, resolve_server_files
 from ..transport.base import Transport
 from ..transport.config import HSSEEClientConfig
+from .drafting import DraftingMixin
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .schedule import apply_schedule, check_request
 from .stage_client import StageClient
@@ -260,7 +261,7 @@ def _linear_dims(module: torch.nn.Module, kind: str) -> tuple[int, int]:
     return shape[1], shape[0]
 
 
-class HSSEEForCausalLM(HSSEEPreTrainedModel):
+class HSSEEForCausalLM(DraftingMixin, HSSEEPreTrainedModel):
     """Client model for private generation with a decoder LLM on two share servers.
 
     `HSSEEForCausalLM.from_pretrained(...)` returns an instance of a subclass of both this class and
