@@ -248,3 +248,20 @@ def test_smollm2_prompt_lookup_halves_round_trips(smollm2) -> None:
         _same(model.generate(**inputs, **kwargs, **extra), expected)
         per_token[lookup] = model.hss_ee_stats.round_trips_per_token
     assert per_token[4] <= per_token[None] / 2, per_token
+
+
+def test_cli_flags_reach_from_pretrained_and_generate() -> None:
+    from hss_ee_hf.cli.args import rounds_kwargs
+    from hss_ee_hf.cli.main import build_parser
+
+    base = ["generate", "ckpt", "hi", "--key", "k", "--endpoints", "a:1", "b:2"]
+    args = build_parser().parse_args([*base, "--stages-per-layer", "2", "--prompt-lookup", "4"])
+    assert rounds_kwargs(args) == ({"stages_per_layer": 2}, {"prompt_lookup_num_tokens": 4})
+    args = build_parser().parse_args([*base, "--stages-per-layer", "auto"])
+    assert rounds_kwargs(args) == ({"stages_per_layer": "auto"}, {})
+    with pytest.raises(SystemExit):  # one drafter at a time
+        build_parser().parse_args([*base, "--prompt-lookup", "4", "--draft-model", "d"])
+    serve = build_parser().parse_args(["serve", "ckpt", "--schedules", "4,2"])
+    assert serve.schedules == (4, 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "ckpt", "--schedules", "2"])
