@@ -137,7 +137,7 @@ def main() -> int:
     )
     records = []
     flags = ["--schedules", "4,2", *server_flags(args)]
-    with local_servers(ee, extra_args=flags) as endpoints:
+    with local_servers(ee, timeout=900, extra_args=flags) as endpoints:  # fused weights are built at load
         proxies = [DelayProxy(e) for e in endpoints]
         via = tuple(p.endpoint for p in proxies)
         torch.set_num_threads(args.client_threads)
