@@ -14,9 +14,17 @@ stage is therefore two *blocks*: the first product (`o` or `down`) on the first 
 on all columns. Each block is quantised on its own (per output row), so the fused stage's scales are the two blocks'
 scales concatenated.
 
+Fixed-point headroom: the residual `r` is much larger than `norm(r)` (up to |r| ≈ 4.1e3 on SmolLM2-135M, against
+`norm(r)` of order 1), and a fused stage is wider (`in = in1 + d`), so its activation limit is lower
+(`RingConfig.headroom_bits`: 2^20 for `o_up`, 2^19 for `down_qkv` at SmolLM2's widths with f = 16). That leaves a
+margin of more than 2^7; the client's encoder raises `RingOverflowError` rather than wrap if a model ever exceeds it.
+
 The fused weights are functions of the public EE weights only, so the share servers build them when they load a
-checkpoint (`hss-ee serve --schedules 4,2`): checkpoints stay ordinary, and the client reads the fused stages' scales
-from the servers' `Describe`. Per layer (Llama shapes) the server multiplies ≈ 1.9× as much and holds ≈ 1.9× the
+checkpoint (`hss-ee serve --schedules 4,2`) rather than the converter writing them: checkpoints keep their format
+(existing ones gain the schedule when their servers restart, Hub downloads do not grow by ≈ 1.9× for users who never
+ask for it), and only operators who opt in pay the memory. Building them takes seconds (float64 products of a few
+small matrices per layer). The client reads the fused stages' scales from both servers' `Describe` and uses them only
+if the two agree. Per layer (Llama shapes) the server multiplies ≈ 1.9× as much and holds ≈ 1.9× the
 weights; the client needs half the round trips (`2·layers + 2` per token instead of `4·layers + 1`).
 """
 

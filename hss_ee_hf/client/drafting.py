@@ -19,6 +19,7 @@ Drafting is transformers' own: batch size 1 only (transformers raises for larger
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 
 from .stage_client import PRECOMPUTE_MAX_ROWS
 
+logger = logging.getLogger(__name__)
 DEFAULT_DRAFT_TOKENS = 4
 """Draft length used with `assistant_model=` when neither the call nor the draft's generation config sets one
 (transformers' own default of 20 would pad every pass to 21 rows)."""
@@ -73,9 +75,12 @@ class DraftingMixin:
         client = self.hss_ee_client
         k, draft = self._hss_ee_draft_length(kwargs)
         if k is not None and k + 1 > PRECOMPUTE_MAX_ROWS:
-            raise ValueError(
-                f"a draft of {k} tokens makes passes of {k + 1} rows; at most {PRECOMPUTE_MAX_ROWS - 1} drafted "
-                "tokens keep party A's products prepared ahead of time (and more rarely pays off)"
+            logger.warning(
+                "a draft of %d tokens makes passes of %d rows: party A's products are prepared ahead of time only "
+                "for at most %d rows, so every pass waits for both servers; a shorter draft is usually faster",
+                k,
+                k + 1,
+                PRECOMPUTE_MAX_ROWS,
             )
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         prompt_len = ids.shape[-1] if ids is not None else 0
