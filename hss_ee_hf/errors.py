@@ -108,3 +108,7 @@ class HubUploadError(HSSEEError, OSError):
 class DevicePlacementError(HSSEEError, RuntimeError):
     """A server's stage weights do not fit the devices it was given (`hss-ee serve --device cuda`); the message says
     how many bytes were needed and available: add GPUs, free GPU memory, or serve on `--device cpu`."""
+
+
+class ScheduleUnavailableError(HSSEEError, ValueError):
+    """The client asked for a stages-per-layer schedule that a share server (or the model's family) does not offer."""

@@ -22,7 +22,7 @@ from .layouts import stage_layout
 from .stages import Stage, stage_matrix
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
+def weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index (or the single `model.safetensors`)."""
     index = folder / INDEX_FILE
     if index.exists():
@@ -47,7 +47,7 @@ def iter_stage_weights(
         progress (`bool`, *optional*): show a progress bar.
     """
     folder = Path(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     layout = stage_layout(config)
     for stage in tqdm(layout, desc="Loading stage weights", disable=not progress, unit="stage"):
         parts = []
@@ -71,7 +71,7 @@ def iter_stage_shapes(folder: str | os.PathLike, config) -> Iterator[tuple[Stage
         config (`PretrainedConfig`): its config.
     """
     folder = Path(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     for stage in stage_layout(config):
         out_features, in_features = 0, 0
         for part in stage.parts:

@@ -86,3 +86,54 @@ def client_config_from_args(args: argparse.Namespace) -> HSSEEClientConfig:
         timeout=getattr(args, "timeout", None) or DEFAULT_TIMEOUT,
         retries=getattr(args, "retries", DEFAULT_RETRIES),
     )
+
+
+def parse_schedules(text: str) -> tuple[int, ...]:
+    """`"4,2"` -> `(4, 2)` for `hss-ee serve --schedules` (4 must be among them)."""
+    try:
+        schedules = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--schedules takes a comma-separated list like 4,2, got {text!r}") from None
+    if 4 not in schedules or any(s not in (4, 2) for s in schedules):
+        raise argparse.ArgumentTypeError(f"--schedules must be 4 or 4,2, got {text!r}")
+    return schedules
+
+
+def add_rounds_args(parser: argparse.ArgumentParser) -> None:
+    """`hss-ee generate` options that trade server work for fewer round trips."""
+    parser.add_argument(
+        "--stages-per-layer",
+        default="4",
+        choices=["4", "2", "auto"],
+        help="round trips per decoder layer: 4, 2 (servers started with --schedules 4,2; ~1.9x server work for half "
+        "the round trips) or auto (measured at connect time; default 4)",
+    )
+    drafting = parser.add_mutually_exclusive_group()
+    drafting.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="K",
+        help="draft K tokens per pass by prompt lookup and verify them in one pass (greedy output unchanged)",
+    )
+    drafting.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="a local plaintext draft model with the same tokenizer (runs on this machine) for assisted generation",
+    )
+    parser.add_argument(
+        "--draft-tokens", type=int, default=4, help="tokens a --draft-model drafts per pass (default 4)"
+    )
+
+
+def rounds_kwargs(args: argparse.Namespace) -> tuple[dict, dict]:
+    """`(from_pretrained kwargs, generate kwargs)` of the options of [`add_rounds_args`]."""
+    spl = args.stages_per_layer if args.stages_per_layer == "auto" else int(args.stages_per_layer)
+    gen: dict = {}
+    if args.prompt_lookup is not None:
+        gen["prompt_lookup_num_tokens"] = args.prompt_lookup
+    elif args.draft_model is not None:
+        from transformers import AutoModelForCausalLM
+
+        gen["assistant_model"] = AutoModelForCausalLM.from_pretrained(args.draft_model).eval()
+        gen["num_assistant_tokens"] = args.draft_tokens
+    return {"stages_per_layer": spl}, gen

@@ -131,8 +131,15 @@ class ServeCommand(Command):
             "(2-byte weights as two int8 limbs, torch._int_mm on tensor cores), float64 (three 22-bit limbs through "
             "float64 GEMM), or auto: int8 on CUDA, native on CPU when it builds (default: $HSS_EE_KERNEL or auto)",
         )
-        from .args import add_server_security_args
+        from .args import add_server_security_args, parse_schedules
 
+        p.add_argument(
+            "--schedules",
+            type=parse_schedules,
+            default=(4,),
+            help="stages per decoder layer offered: 4, or 4,2 to also build the fused two-stage weights at load time "
+            "(~1.9x weight memory and multiply-adds for clients that ask for half the round trips; default 4)",
+        )
         add_server_security_args(p)
 
     def run(self, args):
@@ -157,6 +164,7 @@ class ServeCommand(Command):
             security=server_security_from_args(args),
             batch_window_ms=args.batch_window_ms,
             kernel=args.kernel,
+            schedules=args.schedules,
         )
         return 0
 
@@ -188,9 +196,10 @@ class GenerateCommand(Command):
             action="store_true",
             help="Freivalds-check every server reply so a cheating server is detected and named (needs the weights)",
         )
-        from .args import add_client_security_args
+        from .args import add_client_security_args, add_rounds_args
 
         add_client_security_args(p)
+        add_rounds_args(p)
 
     def run(self, args):
         import torch
@@ -198,7 +207,7 @@ class GenerateCommand(Command):
 
         from ..client.modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration
         from ..hub.download import resolve_client_files
-        from .args import client_config_from_args
+        from .args import client_config_from_args, rounds_kwargs
 
         folder = resolve_client_files(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
         config = AutoConfig.from_pretrained(folder)
@@ -206,6 +215,7 @@ class GenerateCommand(Command):
             raise CheckpointError(f"{args.checkpoint} is an image classifier; use `hss-ee classify` for it")
         client_class = HSSEEForConditionalGeneration if config.is_encoder_decoder else HSSEEForCausalLM
         tok = AutoTokenizer.from_pretrained(folder)
+        load_kwargs, gen_kwargs = rounds_kwargs(args) if client_class is HSSEEForCausalLM else ({}, {})
         with client_class.from_pretrained(
             args.checkpoint,
             key=args.key,
@@ -215,6 +225,7 @@ class GenerateCommand(Command):
             verify=args.verify,
             revision=args.revision,
             cache_dir=args.cache_dir,
+            **load_kwargs,
         ) as model:
             if args.chat:
                 messages = [{"role": "user", "content": args.prompt}]
@@ -233,6 +244,7 @@ class GenerateCommand(Command):
                 streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                 **sampling,
+                **gen_kwargs,
             )
         return 0
 

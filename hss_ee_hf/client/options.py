@@ -28,6 +28,7 @@ LOADER_OPTIONS: dict[str, str] = {
     "verify_rows": "secret check rows of `verify`",
     "max_rows": "the most rows sent in one request",
     "precompute": "ask party A for its products ahead of time",
+    "stages_per_layer": 'round trips per decoder layer: 4, 2 (fused stages; the servers must offer them) or "auto"',
     "revision": "Hub revision",
     "cache_dir": "Hub cache folder",
     "token": "Hub token",

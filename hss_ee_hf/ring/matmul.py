@@ -112,3 +112,39 @@ def held_bytes(out_features: int, in_features: int, kernel: str, device: str | t
     if kernel == "int8":
         return int8_held_bytes(out_features, in_features, device)
     return out_features * in_features * (2 if kernel == "native" else 8)
+
+
+class RingBlocks:
+    """Several ring weights over leading input columns, outputs concatenated: a fused stage (two-stage schedule).
+
+    Block `k` multiplies the first `cols_k` input columns by its own weight, so a fused stage holds no zero blocks
+    and each block keeps its own quantisation scales. Same interface as [`RingWeight`].
+
+    Args:
+        blocks (`list[tuple[int, RingWeight]]`): `(cols, weight)` with `weight.in_features == cols`; the widest
+            block sets `in_features`.
+    """
+
+    def __init__(self, blocks: list[tuple[int, RingWeight]]):
+        if not blocks or any(w.in_features != cols for cols, w in blocks):
+            raise ValueError("every block needs a weight whose in_features equals its column count")
+        self.blocks = blocks
+        self.in_features = max(cols for cols, _ in blocks)
+        self.out_features = sum(w.out_features for _, w in blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0][1].device
+
+    @property
+    def kernel(self) -> str:
+        return self.blocks[0][1].kernel
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for _, w in self.blocks)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact `[x[:, :c1] @ w1.T, x[:, :c2] @ w2.T, ...] mod 2^64` for an `(n, in)` int64 share."""
+        outs = [w.matmul(x if cols == x.shape[1] else x[:, :cols].contiguous()) for cols, w in self.blocks]
+        return torch.cat(outs, dim=1)

@@ -16,9 +16,10 @@ import torch
 from transformers import AutoConfig
 
 from ..artifacts.checkpoint import HSSEECheckpointInfo, short
+from ..artifacts.fused import SCHEDULES, iter_fused_stage_weights
 from ..errors import StageRequestError
 from ..ring.csprng import SEED_BYTES
-from ..ring.matmul import RingWeight
+from ..ring.matmul import RingBlocks, RingWeight
 from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
 from .batching import StageBatcher
@@ -41,6 +42,12 @@ class StageEngine:
             stage arriving within this many milliseconds are computed as one batch ([`StageBatcher`]).
         kernel (`str`, *optional*): the ring kernel, `"auto"` (int8 on CUDA; on CPU native when a C compiler can
             build it), `"native"`, `"float64"` or `"int8"`; defaults to `$HSS_EE_KERNEL` or `"auto"`.
+        schedules (`tuple[int, ...]`, *optional*, defaults to `(4,)`): stages per decoder layer offered to clients.
+            With 2, the fused stages (`artifacts.fused`) are built here at load time from the public EE weights:
+            the checkpoint stays ordinary, and the server holds and multiplies ≈ 1.9× as much.
+
+    Raises:
+        `UnsupportedArchitectureError`: schedule 2 was asked for a family that has none.
 
     Example:
 
@@ -58,6 +65,7 @@ class StageEngine:
         progress: bool = False,
         batch_window_ms: float = 0.0,
         kernel: str | None = None,
+        schedules: tuple[int, ...] = (4,),
     ):
         folder = Path(checkpoint)
         self.info = HSSEECheckpointInfo.from_folder(folder)
@@ -69,6 +77,16 @@ class StageEngine:
         self.weights, self.placement = load_stage_weights(
             folder, self.config, self.info.ring, self.device, kernel=kernel, progress=progress
         )
+        bad = [s for s in schedules if s not in SCHEDULES]
+        if bad or 4 not in schedules:
+            raise ValueError(f"schedules must include 4 and be among {SCHEDULES}, got {tuple(schedules)}")
+        self.schedules = tuple(sorted(set(schedules), reverse=True))
+        self.fused_scales: dict[str, torch.Tensor] = {}
+        if 2 in self.schedules:
+            for fused, blocks, scale in iter_fused_stage_weights(folder, self.config, self.info.ring):
+                held = [(cols, RingWeight(w, device=self.device, kernel=kernel)) for cols, w in blocks]
+                self.weights[fused.name] = RingBlocks(held)
+                self.fused_scales[fused.name] = scale
         self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
         held = sum(w.nbytes for w in self.weights.values())
         logger.info(
@@ -99,9 +117,14 @@ class StageEngine:
         """Stage name -> `(in_features, out_features)`."""
         return {name: (w.in_features, w.out_features) for name, w in self.weights.items()}
 
+    def stage_scales(self, stage: str) -> torch.Tensor | None:
+        """Public output scales of a stage built here (a fused stage), or `None` for a checkpoint stage (whose scales
+        the client reads from the checkpoint's scales file)."""
+        return self.fused_scales.get(stage)
+
     def validate(
         self, fingerprint: str, stage: str, rows: int, share: bytes | None, seed: bytes | None, version: int
-    ) -> RingWeight:
+    ) -> RingWeight | RingBlocks:
         """Checks a request before any compute; raises `StageRequestError` with the matching status code."""
         if version != PROTOCOL_VERSION:
             raise StageRequestError(

@@ -196,6 +196,7 @@ def serve(
     security: HSSEEServerSecurity | None = None,
     batch_window_ms: float = 0.0,
     kernel: str | None = None,
+    schedules: tuple[int, ...] = (4,),
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -222,6 +223,8 @@ def serve(
         batch_window_ms (`float`, *optional*, defaults to 0): batch concurrent sessions' requests for the same
             stage that arrive within this many milliseconds into one product (0 turns batching off).
         kernel (`str`, *optional*): CPU ring kernel, `"auto"`, `"native"` or `"float64"` (see [`StageEngine`]).
+        schedules (`tuple[int, ...]`, *optional*, defaults to `(4,)`): stages per decoder layer offered; `(4, 2)`
+            also builds the fused stages of the two-stage schedule at load time (see [`StageEngine`]).
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -242,6 +245,7 @@ def serve(
         progress=progress,
         batch_window_ms=batch_window_ms,
         kernel=kernel,
+        schedules=schedules,
     )
     if max_rows is None:
         fit_max_rows(engine)

@@ -132,15 +132,17 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
         """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
         if isinstance(request, _Undecodable):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        stages = [
-            hss_ee_pb2.StageInfo(name=name, in_features=in_f, out_features=out_f)
-            for name, (in_f, out_f) in self.engine.describe().items()
-        ]
+        stages = []
+        for name, (in_f, out_f) in self.engine.describe().items():
+            scales = self.engine.stage_scales(name)  # fused stages only: built here, the client cannot know them
+            raw = b"" if scales is None else scales.double().numpy().astype("<f8").tobytes()
+            stages.append(hss_ee_pb2.StageInfo(name=name, in_features=in_f, out_features=out_f, scales=raw))
         return hss_ee_pb2.DescribeReply(
             fingerprint=self.engine.fingerprint,
             protocol_version=PROTOCOL_VERSION,
             stages=stages,
             max_rows=self.engine.max_rows,
+            schedules=self.engine.schedules,
         )
 
 

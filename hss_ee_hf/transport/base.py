@@ -53,6 +53,16 @@ def bytes_to_share(data: bytes, rows: int, out_features: int, endpoint: str) -> 
     return torch.frombuffer(bytearray(data), dtype=torch.int64).view(rows, out_features)
 
 
+def scales_from_bytes(data: bytes, out_features: int, endpoint: str) -> torch.Tensor:
+    """Checks and reads a stage's public output scales sent by a server (little-endian float64)."""
+    if len(data) != out_features * 8:
+        raise TransportError(endpoint, f"sent {len(data)} bytes of scales for {out_features} outputs; it is faulty")
+    scales = torch.frombuffer(bytearray(data), dtype=torch.float64).clone()
+    if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
+        raise TransportError(endpoint, "sent stage scales that are not finite and positive; the server is faulty")
+    return scales
+
+
 class Transport(ABC):
     """Carries one stage's shares to the two servers and their output shares back."""
 

@@ -25,7 +25,7 @@ import torch
 from ..artifacts.checkpoint import short
 from ..errors import TransportError
 from ..ring.sharing import Shares
-from .base import PROTOCOL_VERSION, Transport, bytes_to_share
+from .base import PROTOCOL_VERSION, Transport, bytes_to_share, scales_from_bytes
 from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
 from .pools import grpc_target, parse_endpoints, tls_target_name
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
@@ -321,7 +321,9 @@ class GrpcTransport(Transport):
 
         Returns:
             One dict per server, in endpoint order, with keys `endpoint`, `fingerprint`, `protocol_version`,
-            `max_rows` and `stages` (stage name -> `(in_features, out_features)`, in forward-pass order).
+            `max_rows`, `stages` (stage name -> `(in_features, out_features)`, in forward-pass order), `schedules`
+            (stages per decoder layer offered) and `scales` (stage -> float64 output scales, for the stages the
+            server built itself).
 
         Raises:
             `TransportError`: naming the server that could not be asked.
@@ -334,6 +336,10 @@ class GrpcTransport(Transport):
                 "protocol_version": reply.protocol_version,
                 "max_rows": reply.max_rows,
                 "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
+                "schedules": tuple(reply.schedules) or (4,),
+                "scales": {
+                    s.name: scales_from_bytes(s.scales, s.out_features, endpoint) for s in reply.stages if s.scales
+                },
             }
             for reply, endpoint in zip(replies, self.endpoints, strict=True)
         )

@@ -43,5 +43,29 @@ class InProcessTransport(Transport):
         fut_b = self._pool.submit(self._call, 1, fingerprint, stage, shares, out_features)
         return fut_a.result(), fut_b.result()
 
+    def describe(self) -> tuple[dict, dict]:
+        """What the two handlers serve, in the shape of `GrpcTransport.describe` (handlers without `describe` are
+        reported with no stages and schedule 4 only)."""
+        infos = []
+        for engine, endpoint in zip(self.engines, self.endpoints, strict=True):
+            stages = engine.describe() if hasattr(engine, "describe") else {}
+            scales = {}
+            for name in stages:
+                s = engine.stage_scales(name) if hasattr(engine, "stage_scales") else None
+                if s is not None:
+                    scales[name] = s.to(torch.float64)
+            infos.append(
+                {
+                    "endpoint": endpoint,
+                    "fingerprint": getattr(engine, "fingerprint", ""),
+                    "protocol_version": PROTOCOL_VERSION,
+                    "max_rows": getattr(engine, "max_rows", 1 << 30),
+                    "stages": stages,
+                    "schedules": tuple(getattr(engine, "schedules", (4,))),
+                    "scales": scales,
+                }
+            )
+        return tuple(infos)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
