@@ -31,6 +31,7 @@ from hss_ee_hf.artifacts.checkpoint import (
     short,
     tensor_digest,
 )
+from hss_ee_hf.artifacts.integrity import DIGESTS_KEY
 from hss_ee_hf.artifacts.key import EEKey
 from hss_ee_hf.artifacts.layouts import server_tensor_names
 from hss_ee_hf.artifacts.weights import iter_stage_weights
@@ -141,7 +142,11 @@ def _write_ee_tensors(source: ModelSource, spec, ee_config, tmp: Path, shard_byt
     writer.flush()
     save_file(client, str(tmp / CLIENT_SHARD), metadata={"format": "pt"})
     total_size = sum(os.path.getsize(tmp / f) for f in set(writer.weight_map.values()))
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(writer.weight_map.items()))}
+    # Every tensor's digest, so a server holding only its own shards can recompute the fingerprint at load and
+    # name the shard that was changed (hss_ee_hf.artifacts.integrity).
+    digests = {name: digest.hex() for name, digest in sorted(writer.digests.items())}
+    metadata = {"total_size": total_size, DIGESTS_KEY: digests}
+    index = {"metadata": metadata, "weight_map": dict(sorted(writer.weight_map.items()))}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return combine_digests(writer.digests)
 

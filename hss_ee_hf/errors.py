@@ -23,6 +23,10 @@ class InvalidConfigError(HSSEEError, ValueError):
     """A parameter is outside what hss-ee-hf supports (the message says the allowed range)."""
 
 
+class PartyOverlapError(HSSEEError, ValueError):
+    """Party A and party B are one server (same address, same instance id, or an address in both pools)."""
+
+
 class KeyMismatchError(HSSEEError, ValueError):
     """The EE key belongs to another checkpoint (their fingerprints differ)."""
 

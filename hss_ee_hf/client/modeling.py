@@ -47,11 +47,12 @@ logger = logging.getLogger(__name__)
 def _make_transport(endpoints, transport: Transport | None, timeout: float | None, client_config) -> Transport:
     if transport is not None:
         return transport
-    if endpoints is None or len(endpoints) != 2:
+    if endpoints is None:
         raise ValueError('pass endpoints=("hostA:port", "hostB:port") (two share servers) or a transport')
     from ..transport.grpc_client import GrpcTransport
 
-    return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
+    # GrpcTransport checks the pair itself: a plain string such as "ab" is refused, never split into hosts.
+    return GrpcTransport(endpoints, timeout=timeout, config=client_config)
 
 
 class HSSEEPreTrainedModel:

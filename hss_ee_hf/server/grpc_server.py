@@ -23,7 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ..artifacts.checkpoint import short
 from ..errors import HSSEEError
 from ..transport.base import PROTOCOL_VERSION
-from .engine import DEFAULT_MAX_ROWS, StageEngine
+from .engine import StageEngine
+from .options import DEFAULT_MAX_ROWS
 from .security import HSSEEServerSecurity
 from .servicer import SERVICE_NAME, ShareServicer, share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
 
@@ -86,6 +87,7 @@ def _start(
     max_workers: int,
     security: HSSEEServerSecurity | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    operator: str = "",
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     limit = message_limit(engine)
     # Read the PEM files before binding, so a bad path fails without a half-started server.
@@ -102,7 +104,7 @@ def _start(
         ],
     )
     # A quarter of the workers (at least two) always stay free for unary calls and health checks.
-    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)))
+    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)), operator=operator)
     server.add_generic_rpc_handlers((share_server_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -194,6 +196,8 @@ def serve(
     security: HSSEEServerSecurity | None = None,
     batch_window_ms: float = 0.0,
     kernel: str | None = None,
+    operator: str = "",
+    trust_checkpoint: bool = False,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -220,6 +224,10 @@ def serve(
         batch_window_ms (`float`, *optional*, defaults to 0): batch concurrent sessions' requests for the same
             stage that arrive within this many milliseconds into one product (0 turns batching off).
         kernel (`str`, *optional*): CPU ring kernel, `"auto"`, `"native"` or `"float64"` (see [`StageEngine`]).
+        operator (`str`, *optional*): who runs this server, reported by `Describe` so a client can refuse two
+            parties of one operator.
+        trust_checkpoint (`bool`, *optional*, defaults to `False`): skip recomputing the weights' fingerprint
+            and checking the shards against the config at load (see [`StageEngine`]).
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -236,14 +244,15 @@ def serve(
     engine = StageEngine(
         checkpoint,
         device=device,
-        max_rows=max_rows or DEFAULT_MAX_ROWS,
+        max_rows=DEFAULT_MAX_ROWS if max_rows is None else max_rows,
         progress=progress,
         batch_window_ms=batch_window_ms,
         kernel=kernel,
+        trust_checkpoint=trust_checkpoint,
     )
     if max_rows is None:
         fit_max_rows(engine)
-    server, bound, health_servicer = _start(engine, host, port, max_workers, security)
+    server, bound, health_servicer = _start(engine, host, port, max_workers, security, operator=operator)
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}

@@ -27,6 +27,7 @@ from ..errors import TransportError
 from ..ring.sharing import Shares
 from .base import PROTOCOL_VERSION, Transport, bytes_to_share
 from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
+from .endpoints import check_distinct_addresses, check_distinct_parties, check_endpoint_pair
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
 from .streams import STREAM_LIMIT_DETAILS, StreamPool, Watchdog
 
@@ -150,8 +151,7 @@ class GrpcTransport(Transport):
         max_message_bytes: int | None = None,
         config: HSSEEClientConfig | None = None,
     ):
-        if isinstance(endpoints, str) or len(endpoints) != 2 or not all(isinstance(e, str) and e for e in endpoints):
-            raise ValueError(f"endpoints must be two 'host:port' strings (party A, party B), got {endpoints!r}")
+        endpoints = check_endpoint_pair(endpoints)
         config = config if config is not None else HSSEEClientConfig()
         timeout = config.timeout if timeout is None else timeout
         if not timeout > 0:
@@ -313,7 +313,8 @@ class GrpcTransport(Transport):
 
         Returns:
             One dict per server, in endpoint order, with keys `endpoint`, `fingerprint`, `protocol_version`,
-            `max_rows` and `stages` (stage name -> `(in_features, out_features)`, in forward-pass order).
+            `max_rows`, `instance_id`, `operator` and `stages` (stage name -> `(in_features, out_features)`, in
+            forward-pass order).
 
         Raises:
             `TransportError`: naming the server that could not be asked.
@@ -325,6 +326,8 @@ class GrpcTransport(Transport):
                 "fingerprint": reply.fingerprint,
                 "protocol_version": reply.protocol_version,
                 "max_rows": reply.max_rows,
+                "instance_id": reply.instance_id,
+                "operator": reply.operator,
                 "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
             }
             for reply, endpoint in zip(replies, self.endpoints, strict=True)
@@ -342,8 +345,12 @@ class GrpcTransport(Transport):
         Raises:
             `TransportError`: naming the first server that is unreachable, serves another checkpoint, or speaks
                 another protocol version.
+            `PartyOverlapError`: both endpoints are one server (same address after resolution, or one instance).
         """
+        # Refused before any share is sent: one process holding both shares reconstructs the user's data.
+        check_distinct_addresses([[self.endpoints[0]], [self.endpoints[1]]])
         infos = self.describe()
+        check_distinct_parties(infos)
         for info in infos:
             if info["fingerprint"] != fingerprint:
                 raise TransportError(
