@@ -36,11 +36,11 @@ from hss_ee_hf.artifacts.key import EEKey
 from hss_ee_hf.artifacts.layouts import server_tensor_names
 from hss_ee_hf.artifacts.weights import iter_stage_weights
 from hss_ee_hf.ee.families import spec_class_for
-from hss_ee_hf.errors import ConversionError
 from hss_ee_hf.hub.model_card import render_model_card
 from hss_ee_hf.ring.csprng import ChaChaStream
 from hss_ee_hf.ring.fixed_point import RingConfig
 
+from .paths import check_output_paths, check_writable
 from .source import ModelSource, open_source
 from .verify import verify_equivariance
 
@@ -111,17 +111,6 @@ def _make_public(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)
-
-
-def _check_paths(out: Path, key_path: Path, force: bool) -> None:
-    if key_path == out or out in key_path.parents:
-        raise ConversionError(
-            f"the key file {key_path} must not be inside the output folder {out}: the checkpoint is public, "
-            "the key is secret. Pass --key with a path outside it"
-        )
-    for path, what in ((out, "output folder"), (key_path, "key file")):
-        if path.exists() and not force:
-            raise ConversionError(f"{what} {path} already exists; pass --force (force=True) to overwrite it")
 
 
 def _write_ee_tensors(source: ModelSource, spec, ee_config, tmp: Path, shard_bytes: int) -> str:
@@ -211,12 +200,13 @@ def convert(
     start = time.perf_counter()
     out_path = Path(out).expanduser().resolve()
     key_path = Path(key).expanduser().resolve()
-    _check_paths(out_path, key_path, force)
+    check_output_paths(out_path, key_path, src, force)
+    check_writable(out_path.parent)
+    check_writable(key_path.parent)
     ring = ring or RingConfig()
     source = open_source(src, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
     spec = spec_class_for(source.config)(source.config, ChaChaStream())
     ee_config = spec.ee_config(copy.deepcopy(source.config))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     key_tmp: Path | None = None
     backup: Path | None = None

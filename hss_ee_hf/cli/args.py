@@ -7,6 +7,7 @@ import os
 
 from ..server.security import HSSEEServerSecurity
 from ..transport.config import DEFAULT_RETRIES, DEFAULT_TIMEOUT, TOKEN_ENV, HSSEEClientConfig
+from .validators import int_in
 
 
 def add_server_security_args(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def add_client_security_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--retries",
-        type=int,
+        type=int_in(0),
         default=DEFAULT_RETRIES,
         help=f"retries of an unavailable server (default {DEFAULT_RETRIES})",
     )
@@ -78,6 +79,7 @@ def client_config_from_args(args: argparse.Namespace) -> HSSEEClientConfig:
         tls_server_name=getattr(args, "tls_server_name", None),
         token=token or None,
         token_file=token_file,
-        timeout=getattr(args, "timeout", None) or DEFAULT_TIMEOUT,
+        # `is None`, not `or`: a zero timeout must be refused by the config, never replaced by the default.
+        timeout=DEFAULT_TIMEOUT if getattr(args, "timeout", None) is None else args.timeout,
         retries=getattr(args, "retries", DEFAULT_RETRIES),
     )

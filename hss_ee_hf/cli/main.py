@@ -13,6 +13,8 @@ import sys
 from ..artifacts.stages import VISION_FAMILY
 from ..errors import CheckpointError, HSSEEError, InputFileError
 from .base import Command
+from .validators import endpoint, float_in, int_in, read_prompt
+from .version import package_version
 
 logger = logging.getLogger("hss_ee_hf")
 
@@ -88,27 +90,29 @@ class ServeCommand(Command):
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (server weights are downloaded)")
-        p.add_argument("--port", type=int, default=50051, help="TCP port to listen on (default 50051; 0 picks one)")
+        p.add_argument(
+            "--port", type=int_in(0, 65535), default=50051, help="TCP port, 0-65535 (default 50051; 0 picks one)"
+        )
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
         p.add_argument(
             "--device", default="cpu", help="where the weights live: cpu, cuda, cuda:N or auto (default cpu)"
         )
         p.add_argument(
             "--max-rows",
-            type=int,
+            type=int_in(1),
             default=None,
             help="most rows (tokens) one request may carry (default: 8192, or fewer if the widest stage needs it)",
         )
         p.add_argument(
             "--workers",
-            type=int,
+            type=int_in(1),
             default=32,
             help="gRPC worker threads (default 32). Each client session's open stage stream holds one; a quarter "
             "(at least two) stay free for unary calls",
         )
         p.add_argument(
             "--threads",
-            type=int,
+            type=int_in(1),
             help="torch compute threads (default: torch's choice; use 1 when client and servers share a few cores)",
         )
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
@@ -116,7 +120,7 @@ class ServeCommand(Command):
         p.add_argument("--token", help="Hub token for a private repo (default: the logged-in token)")
         p.add_argument(
             "--batch-window-ms",
-            type=float,
+            type=float_in(0.0),
             default=0.0,
             help="batch concurrent sessions' requests for one stage arriving within this many ms (default 0: off)",
         )
@@ -127,6 +131,17 @@ class ServeCommand(Command):
             help="CPU ring kernel: native (2-byte weights, AVX2, built once with the system C compiler), float64 "
             "(three 22-bit limbs through float64 GEMM), or auto: native when it builds (default: $HSS_EE_KERNEL "
             "or auto)",
+        )
+        p.add_argument(
+            "--operator",
+            default="",
+            help="who runs this server, reported to clients (they refuse two parties of one operator)",
+        )
+        p.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="skip recomputing the weights' fingerprint and checking the shards against config.json at start "
+            "(saves about a second per GB; only for a checkpoint verified before)",
         )
         from .args import add_server_security_args
 
@@ -154,6 +169,8 @@ class ServeCommand(Command):
             security=server_security_from_args(args),
             batch_window_ms=args.batch_window_ms,
             kernel=args.kernel,
+            operator=args.operator,
+            trust_checkpoint=args.trust_checkpoint,
         )
         return 0
 
@@ -167,17 +184,36 @@ class GenerateCommand(Command):
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
-        p.add_argument("prompt", help="the prompt (with --chat: the user message)")
+        p.add_argument(
+            "prompt",
+            nargs="?",
+            help="the prompt (with --chat: the user message). Visible to other users in `ps` and kept in the shell "
+            "history: prefer --prompt-file",
+        )
+        p.add_argument(
+            "--prompt-file",
+            metavar="FILE",
+            help="read the prompt from FILE, or from standard input with `-`, so it never appears in the process "
+            "list or the shell history",
+        )
         p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
-        p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+        p.add_argument(
+            "--endpoints", nargs=2, type=endpoint, required=True, metavar=("A", "B"), help="host:port of A and B"
+        )
+        p.add_argument("--max-new-tokens", type=int_in(1), default=64, help="tokens to generate, >= 1 (default 64)")
         p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the chat template")
         p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-        p.add_argument("--top-k", type=int, default=50, help="top-k filtering (with --do-sample)")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering (with --do-sample)")
+        p.add_argument(
+            "--temperature", type=float_in(0.0, low_open=True), default=1.0, help="temperature > 0 (with --do-sample)"
+        )
+        p.add_argument("--top-k", type=int_in(0), default=50, help="top-k filtering, 0 for none (with --do-sample)")
+        p.add_argument(
+            "--top-p", type=float_in(0, 1, low_open=True), default=1.0, help="nucleus mass, (0, 1] (with --do-sample)"
+        )
         p.add_argument("--seed", type=int, help="sampling seed (with --do-sample)")
-        p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+        p.add_argument(
+            "--timeout", type=float_in(0.0, low_open=True), default=60.0, help="per-request deadline in seconds, > 0"
+        )
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
         p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
         p.add_argument(
@@ -190,6 +226,7 @@ class GenerateCommand(Command):
         add_client_security_args(p)
 
     def run(self, args):
+        prompt = read_prompt(args.prompt, args.prompt_file)  # before anything is loaded or dialled
         import torch
         from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
@@ -214,12 +251,12 @@ class GenerateCommand(Command):
             cache_dir=args.cache_dir,
         ) as model:
             if args.chat:
-                messages = [{"role": "user", "content": args.prompt}]
+                messages = [{"role": "user", "content": prompt}]
                 inputs = tok.apply_chat_template(
                     messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
                 )
             else:
-                inputs = tok(args.prompt, return_tensors="pt")
+                inputs = tok(prompt, return_tensors="pt")
             if args.seed is not None:
                 torch.manual_seed(args.seed)  # HF sampling draws from torch's generator; nothing secret
             sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else {}
@@ -242,9 +279,13 @@ class ClassifyCommand(Command):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
         p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
         p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help="host:port of servers A and B")
-        p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default 5)")
-        p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+        p.add_argument(
+            "--endpoints", nargs=2, type=endpoint, required=True, metavar=("A", "B"), help="host:port of A and B"
+        )
+        p.add_argument("--top-k", type=int_in(1), default=5, help="labels to print per image, >= 1 (default 5)")
+        p.add_argument(
+            "--timeout", type=float_in(0.0, low_open=True), default=60.0, help="per-request deadline in seconds, > 0"
+        )
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
         p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
         from .args import add_client_security_args
@@ -305,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Private inference for Hugging Face models on two non-colluding share servers (HSS + EE).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (never secrets)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _commands():
         p = sub.add_parser(command.name, help=command.help, description=command.help)
