@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLi
 from .stage_client import StageClient
 
 logger = logging.getLogger(__name__)
+# Serialises what `from_pretrained` does while module creation may be patched (see its use).
+_MODULE_CREATION_LOCK = threading.RLock()
 
 
 def _make_transport(endpoints, transport: Transport | None, timeout: float | None, client_config) -> Transport:
@@ -140,7 +143,9 @@ class HSSEEPreTrainedModel:
                 f"({', '.join(config.architectures or [])}). Use the client class of its task"
             )
         klass = type(f"HSSEE{base.__name__}", (cls, base), {"__module__": __name__})
-        with init_empty_weights():
+        # accelerate's init_empty_weights patches module creation process-wide: a second thread building its
+        # layers meanwhile would get meta tensors. Every module creation of a load happens under this lock.
+        with _MODULE_CREATION_LOCK, init_empty_weights():
             model = klass(config)
         transport = _make_transport(endpoints, transport, timeout, client_config)
         try:
@@ -158,7 +163,8 @@ class HSSEEPreTrainedModel:
             if hasattr(transport, "check_fingerprint"):  # fail at load, naming the server, not at generate()
                 servers = transport.check_fingerprint(info.fingerprint)
                 max_rows = min([max_rows, *(d["max_rows"] for d in servers)])
-            model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows, precompute)
+            with _MODULE_CREATION_LOCK:
+                model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows, precompute)
         except BaseException:
             transport.close()
             raise

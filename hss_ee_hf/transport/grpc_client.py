@@ -29,6 +29,7 @@ from .base import PROTOCOL_VERSION, Transport, bytes_to_share
 from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
 from .endpoints import check_distinct_addresses, check_distinct_parties, check_endpoint_pair
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
+from .restarts import may_retry, reconnect_options, wait_for_server
 from .streams import STREAM_LIMIT_DETAILS, StreamPool, Watchdog
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ class GrpcTransport(Transport):
         options = [
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
-            ("grpc.initial_reconnect_backoff_ms", initial_ms),
-            ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.max_backoff * 1000))),
+            *reconnect_options(initial_ms),
             *config.channel_options(),
         ]
         if credentials is None:
@@ -207,7 +207,7 @@ class GrpcTransport(Transport):
         calls on a pool thread: unlike `future()`, they start no gRPC polling thread per call.
         """
         endpoint = self.endpoints[party]
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
             streamed = method == "Stage" and time.monotonic() >= self._unary_until[party]
             try:
@@ -224,7 +224,8 @@ class GrpcTransport(Transport):
                     raise TransportError(endpoint, f"{late}; {_ADVICE['DEADLINE_EXCEEDED']}") from err
                 if streamed and self._stream_refused(party, code, err):
                     continue  # the same call, unary, at once: nothing was computed
-                if code in RETRYABLE_CODES and attempt < self.config.retries and not abandon.is_set():
+                c = self.config
+                if code in RETRYABLE_CODES and may_retry(attempt, started, c.retries, c.restart_window, self.timeout):
                     delay = self._backoff(attempt)
                     attempt += 1
                     with self._lock:
@@ -238,7 +239,8 @@ class GrpcTransport(Transport):
                         self.config.retries,
                         delay,
                     )
-                    if abandon.wait(delay):  # the other party failed for good: stop retrying
+                    # Back as soon as the server is: the wait ends when the channel reconnects.
+                    if wait_for_server(self._channels[party], delay, abandon):  # the other party failed for good
                         raise _rpc_error(endpoint, err, self.config, attempts=attempt) from err
                     continue
                 raise _rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
