@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
@@ -39,6 +38,7 @@ from ..errors import CheckpointError, HSSEEError
 from ..hub.download import resolve_client_files, resolve_server_files
 from ..transport.base import Transport
 from ..transport.config import HSSEEClientConfig
+from .load_checks import check_vocab, load_client_config, load_client_state, open_shard
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .stage_client import StageClient
 
@@ -130,7 +130,7 @@ class HSSEEPreTrainedModel:
             local_files_only=local_files_only,
         )
         attn_impl = kwargs.pop("attn_implementation", None)
-        config = AutoConfig.from_pretrained(folder, **kwargs)
+        config = load_client_config(folder, **kwargs)
         if attn_impl is not None:
             config._attn_implementation = attn_impl
         info = HSSEECheckpointInfo.from_config(config)
@@ -178,9 +178,9 @@ class HSSEEPreTrainedModel:
 
     def _hss_ee_attach(self, folder, config, info, ee_key, transport, max_rows, precompute=True) -> None:
         folder = Path(folder)
-        with safe_open(str(folder / info.client_shard), "pt") as f:
+        with open_shard(folder / info.client_shard) as f:
             client = {name: f.get_tensor(name).to(torch.float32) for name in f.keys()}
-        with safe_open(str(folder / info.scales_file), "pt") as f:
+        with open_shard(folder / info.scales_file) as f:
             if (f.metadata() or {}).get("fingerprint") != info.fingerprint:
                 raise CheckpointError(f"{info.scales_file} belongs to another checkpoint; convert the model again")
             scales = {name: f.get_tensor(name) for name in f.keys()}
@@ -204,8 +204,10 @@ class HSSEEPreTrainedModel:
         if self._permutes_input_ids:
             emb = self.get_input_embeddings()
             emb_name = next(n for n, m in self.named_modules() if m is emb)
-            self.set_input_embeddings(PermutedEmbedding(client.pop(emb_name + ".weight"), ee_key.vocab_perm))
-        missing = self.load_state_dict(client, strict=False, assign=True)
+            table = client.pop(emb_name + ".weight")
+            check_vocab(config, table, ee_key.vocab_perm.numel(), folder)
+            self.set_input_embeddings(PermutedEmbedding(table, ee_key.vocab_perm))
+        missing = load_client_state(self, client, folder)
         if missing.unexpected_keys:
             raise CheckpointError(
                 f"unexpected client tensors {missing.unexpected_keys[:5]}; is this an EE checkpoint?"

@@ -24,6 +24,7 @@ from ..ring.matmul import RingWeight
 from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
 from .batching import StageBatcher
+from .memory import TRIM_ROWS, release_freed_memory
 from .options import DEFAULT_MAX_ROWS, check_engine_options, load_server_config, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -176,4 +177,9 @@ class StageEngine:
         else:
             x = torch.frombuffer(bytearray(share), dtype=torch.int64).view(rows, weight.in_features)
         y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
-        return y.cpu().numpy().tobytes()
+        out = y.cpu().numpy().tobytes()
+        if rows >= TRIM_ROWS:
+            # A long prompt's buffers would otherwise stay in glibc's arenas for the life of the process.
+            del x, y
+            release_freed_memory()
+        return out
