@@ -259,7 +259,7 @@ def test_world_readable_key_warns(converted, tmp_path, caplog):
 
 def test_large_requests_give_memory_back(engine, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(engine_module, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(engine_module, "release_after_large_request", lambda: calls.append(1))
     stage, (in_features, _) = next(iter(engine.describe().items()))
     for rows in (1, engine_module.TRIM_ROWS):
         engine.compute(engine.fingerprint, stage, rows, share=bytes(rows * in_features * 8))

@@ -24,7 +24,7 @@ from ..ring.matmul import RingWeight
 from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
 from .batching import StageBatcher
-from .memory import TRIM_ROWS, release_freed_memory
+from .memory import TRIM_ROWS, release_after_large_request, release_freed_memory, use_mmap_for_large_buffers
 from .options import DEFAULT_MAX_ROWS, check_engine_options, load_server_config, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class StageEngine:
         trust_checkpoint: bool = False,
     ):
         check_engine_options(max_rows, batch_window_ms)
+        use_mmap_for_large_buffers()  # long prompts' buffers go back to the OS when freed
         folder = Path(checkpoint)
         self.info = HSSEECheckpointInfo.from_folder(folder)
         self.config = load_server_config(folder)
@@ -82,6 +83,8 @@ class StageEngine:
         for stage, w_int, _ in iter_stage_weights(folder, self.config, self.info.ring, progress=progress):
             self.weights[stage.name] = RingWeight(w_int, device=self.device, kernel=kernel)
         self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
+        # Loading (and hashing) copied every tensor once; hand those freed pages back before serving.
+        release_freed_memory()
         held = sum(w.nbytes for w in self.weights.values())
         logger.info(
             "loaded %d stages of checkpoint %s on %s (%s kernel, %.1f MB of weights)",
@@ -181,5 +184,5 @@ class StageEngine:
         if rows >= TRIM_ROWS:
             # A long prompt's buffers would otherwise stay in glibc's arenas for the life of the process.
             del x, y
-            release_freed_memory()
+            release_after_large_request()
         return out

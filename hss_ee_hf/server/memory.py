@@ -18,9 +18,12 @@ logger = logging.getLogger(__name__)
 
 # Requests this large allocate megabytes per stage; smaller ones reuse what the allocator already holds.
 TRIM_ROWS = 256
+# gRPC frees a reply's buffers only after the handler returned; a second trim shortly after catches those.
+TRIM_DELAY_SECONDS = 0.5
 _lock = threading.Lock()
 _trim = None
 _loaded = False
+_pending: threading.Timer | None = None
 
 
 def _malloc_trim():
@@ -38,6 +41,24 @@ def _malloc_trim():
     return _trim
 
 
+# glibc's mallopt parameter; a fixed threshold also stops glibc raising it after each large free.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def use_mmap_for_large_buffers() -> bool:
+    """Makes glibc serve allocations of 1 MiB and more with `mmap`, so freeing one returns it to the OS at once.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which large
+    request buffers come from the arenas and stay there. Returns `True` when glibc accepted the setting.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD_BYTES)))
+
+
 def release_freed_memory() -> bool:
     """Returns the allocator's free pages to the OS; `True` when glibc's `malloc_trim` ran."""
     trim = _malloc_trim()
@@ -45,3 +66,15 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def release_after_large_request() -> None:
+    """Trims now and once more [`TRIM_DELAY_SECONDS`] later (one pending trim at most, on a daemon timer)."""
+    global _pending
+    release_freed_memory()
+    with _lock:
+        if _pending is not None and _pending.is_alive():
+            return
+        _pending = threading.Timer(TRIM_DELAY_SECONDS, release_freed_memory)
+        _pending.daemon = True
+        _pending.start()
