@@ -95,6 +95,8 @@ def check_stage_layout(folder: Path, config, weight_map: dict[str, str], client_
     listed = {name for name, file in weight_map.items() if file != client_shard}
     needed = server_tensor_names(config)
     unused, missing = sorted(listed - needed), sorted(needed - listed)
+    if not (folder / INDEX_FILE).exists():
+        unused = []  # one model.safetensors holds the client tensors too: only missing ones can be told apart
     if unused or missing:
         what = f"leaves {unused[:3]} unused" if unused else f"needs {missing[:3]}, which the index lacks"
         raise CheckpointError(
