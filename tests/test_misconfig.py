@@ -267,3 +267,19 @@ def test_large_requests_give_memory_back(engine, monkeypatch):
     from hss_ee_hf.server.memory import release_freed_memory
 
     assert release_freed_memory() is sys.platform.startswith("linux")
+
+
+# --- row 1 (unit level; the real-process cases are in test_misconfig_servers.py) ---------------------------------
+
+
+def test_an_address_in_both_pools_or_one_operator_is_refused():
+    from hss_ee_hf.errors import PartyOverlapError
+    from hss_ee_hf.transport.endpoints import check_distinct_addresses, check_distinct_parties
+
+    check_distinct_addresses([["127.0.0.1:5001", "127.0.0.1:5002"], ["127.0.0.1:5003"]])
+    with pytest.raises(PartyOverlapError, match="same address 127.0.0.1:5002"):
+        check_distinct_addresses([["127.0.0.1:5001", "127.0.0.1:5002"], ["127.0.0.1:5003", "localhost:5002"]])
+    a = {"endpoint": "a:1", "instance_id": "1" * 32, "operator": "acme"}
+    check_distinct_parties([a, {"endpoint": "b:1", "instance_id": "2" * 32, "operator": "other"}])
+    with pytest.raises(PartyOverlapError, match="operator 'acme'"):
+        check_distinct_parties([a, {"endpoint": "b:1", "instance_id": "2" * 32, "operator": "acme"}])
