@@ -31,15 +31,16 @@ from hss_ee_hf.artifacts.checkpoint import (
     short,
     tensor_digest,
 )
+from hss_ee_hf.artifacts.integrity import DIGESTS_KEY
 from hss_ee_hf.artifacts.key import EEKey
 from hss_ee_hf.artifacts.layouts import server_tensor_names
 from hss_ee_hf.artifacts.weights import iter_stage_weights
 from hss_ee_hf.ee.families import spec_class_for
-from hss_ee_hf.errors import ConversionError
 from hss_ee_hf.hub.model_card import render_model_card
 from hss_ee_hf.ring.csprng import ChaChaStream
 from hss_ee_hf.ring.fixed_point import RingConfig
 
+from .paths import check_output_paths, check_writable
 from .source import ModelSource, open_source
 from .verify import verify_equivariance
 
@@ -112,17 +113,6 @@ def _make_public(folder: Path) -> None:
         file.chmod(0o666 & ~umask)
 
 
-def _check_paths(out: Path, key_path: Path, force: bool) -> None:
-    if key_path == out or out in key_path.parents:
-        raise ConversionError(
-            f"the key file {key_path} must not be inside the output folder {out}: the checkpoint is public, "
-            "the key is secret. Pass --key with a path outside it"
-        )
-    for path, what in ((out, "output folder"), (key_path, "key file")):
-        if path.exists() and not force:
-            raise ConversionError(f"{what} {path} already exists; pass --force (force=True) to overwrite it")
-
-
 def _write_ee_tensors(source: ModelSource, spec, ee_config, tmp: Path, shard_bytes: int) -> str:
     """Streams every tensor through the spec; returns the fingerprint."""
     spec.source_names = {n for group in source.shards() for n in group}
@@ -141,7 +131,11 @@ def _write_ee_tensors(source: ModelSource, spec, ee_config, tmp: Path, shard_byt
     writer.flush()
     save_file(client, str(tmp / CLIENT_SHARD), metadata={"format": "pt"})
     total_size = sum(os.path.getsize(tmp / f) for f in set(writer.weight_map.values()))
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(writer.weight_map.items()))}
+    # Every tensor's digest, so a server holding only its own shards can recompute the fingerprint at load and
+    # name the shard that was changed (hss_ee_hf.artifacts.integrity).
+    digests = {name: digest.hex() for name, digest in sorted(writer.digests.items())}
+    metadata = {"total_size": total_size, DIGESTS_KEY: digests}
+    index = {"metadata": metadata, "weight_map": dict(sorted(writer.weight_map.items()))}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return combine_digests(writer.digests)
 
@@ -206,12 +200,13 @@ def convert(
     start = time.perf_counter()
     out_path = Path(out).expanduser().resolve()
     key_path = Path(key).expanduser().resolve()
-    _check_paths(out_path, key_path, force)
+    check_output_paths(out_path, key_path, src, force)
+    check_writable(out_path.parent)
+    check_writable(key_path.parent)
     ring = ring or RingConfig()
     source = open_source(src, gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
     spec = spec_class_for(source.config)(source.config, ChaChaStream())
     ee_config = spec.ee_config(copy.deepcopy(source.config))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     key_tmp: Path | None = None
     backup: Path | None = None

@@ -8,6 +8,7 @@ in memory by transformers and rebuilt as a plain model of the same architecture.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 import transformers
 from huggingface_hub import ModelCard, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hss_ee_hf.errors import ConversionError
@@ -97,6 +98,22 @@ class ModelSource:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def _open_weights(file: Path) -> Iterator:
+    """`safe_open(file)`, with a missing or damaged file reported as a `ConversionError` that names it."""
+    try:
+        handle = safe_open(str(file), "pt")
+    except FileNotFoundError as err:
+        raise ConversionError(f"the source weights file {file} is missing; download or save the model again") from err
+    except (SafetensorError, OSError) as err:
+        raise ConversionError(
+            f"the source weights file {file} cannot be read ({err}); it is truncated or not safetensors. Download "
+            "or save the model again"
+        ) from err
+    with handle as f:
+        yield f
+
+
 class FolderSource(ModelSource):
     """A local HF checkpoint folder with safetensors weights."""
 
@@ -114,9 +131,12 @@ class FolderSource(ModelSource):
             ) from err
         index = folder / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as err:
+                raise ConversionError(f"{index} is not a valid safetensors index ({err}); fix or restore it") from err
         elif (folder / "model.safetensors").exists():
-            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            with _open_weights(folder / "model.safetensors") as f:
                 weight_map = dict.fromkeys(f.keys(), "model.safetensors")
         elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise ConversionError(
@@ -136,8 +156,14 @@ class FolderSource(ModelSource):
     def get(self, name):
         # One open per tensor: safetensors memory-maps the file, and pages read through a mapping that stays
         # open count as resident memory; closing it after each tensor keeps the footprint at one tensor.
-        with safe_open(str(self._files[name]), "pt") as f:
-            return f.get_tensor(name)
+        with _open_weights(self._files[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as err:
+                raise ConversionError(
+                    f"cannot read tensor {name} from {self._files[name]} ({err}); the source model is truncated or "
+                    "damaged. Download or save it again"
+                ) from err
 
     def save_tokenizer(self, out):
         copied = []

@@ -33,6 +33,10 @@ class UnknownOptionError(HSSEEError, TypeError):
     option of another version); the message lists the valid ones."""
 
 
+class PartyOverlapError(HSSEEError, ValueError):
+    """Party A and party B are one server (same address, same instance id, or an address in both pools)."""
+
+
 class KeyMismatchError(HSSEEError, ValueError):
     """The EE key belongs to another checkpoint (their fingerprints differ)."""
 

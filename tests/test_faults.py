@@ -168,7 +168,8 @@ def test_server_killed_during_a_call_and_restarted_mid_generation(tiny_llama, re
 def test_a_server_that_stays_down_is_named(tiny_llama):
     servers = _Servers((tiny_llama[2], tiny_llama[2]))
     try:
-        config = HSSEEClientConfig(timeout=5.0, retries=3, initial_backoff=0.05)
+        # restart_window=0: exactly `retries` retries (the default also waits out a restart within the deadline)
+        config = HSSEEClientConfig(timeout=5.0, retries=3, initial_backoff=0.05, restart_window=0.0)
         with GrpcTransport(servers.endpoints, config=config) as transport:
             x = share(torch.zeros((1, 64), dtype=torch.int64))
             transport.run_stage(tiny_llama[2].fingerprint, "layers.0.qkv", x, out_features=128)

@@ -30,7 +30,7 @@ from tiny_models import ARCHITECTURES, convert_tiny
 
 from hss_ee_hf.artifacts.checkpoint import INDEX_FILE
 from hss_ee_hf.cli.push import PushCommand
-from hss_ee_hf.client import modeling
+from hss_ee_hf.client import load_checks  # where the client opens its shards
 from hss_ee_hf.client.modeling import HSSEEForCausalLM
 from hss_ee_hf.errors import CheckpointError, HubUploadError, PushRefusedError
 from hss_ee_hf.hub import download as hub
@@ -392,13 +392,13 @@ def test_offline_hub_cache_serves_each_side_its_files(converted, tmp_path, offli
         assert _names(server_folder) == SERVER_FILES
 
     opened: list[str] = []
-    real_safe_open = modeling.safe_open
+    real_safe_open = load_checks.safe_open
 
     def recording_safe_open(path, *args, **kwargs):
         opened.append(Path(path).name)
         return real_safe_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(modeling, "safe_open", recording_safe_open)
+    monkeypatch.setattr(load_checks, "safe_open", recording_safe_open)
     with HSSEEForCausalLM.from_pretrained(
         REPO_ID, key=key, transport=InProcessTransport(StageEngine(server_folder)), cache_dir=client_cache
     ) as from_hub:

@@ -7,7 +7,9 @@ permutation) with JSON metadata, written atomically with mode 0600, never inside
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,28 @@ from ..errors import KeyFileError, KeyMismatchError
 from .checkpoint import FORMAT_VERSION, short
 
 KEY_KIND = "hss-ee-key"
+logger = logging.getLogger(__name__)
+
+
+def warn_if_exposed(path: Path) -> bool:
+    """Warns (and returns `True`) when other users may read the key file: with it they can undo the EE layer.
+
+    The client still loads it: refusing would break shared read-only setups, and the warning says what to do.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning(
+            "the EE key file %s is readable by other users (mode %03o); whoever reads it can undo the vocabulary "
+            "permutation. Restrict it with `chmod 600 %s`",
+            path,
+            stat.S_IMODE(mode),
+            path,
+        )
+        return True
+    return False
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -125,6 +149,7 @@ class EEKey:
             `KeyFileError`: missing, unreadable or not an hss-ee key.
         """
         path = Path(path).expanduser()
+        warn_if_exposed(path)
         try:
             data = path.read_bytes()
         except FileNotFoundError as err:

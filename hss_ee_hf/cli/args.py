@@ -7,6 +7,7 @@ import os
 
 from ..server.security import HSSEEServerSecurity
 from ..transport.config import DEFAULT_RETRIES, DEFAULT_TIMEOUT, TOKEN_ENV, HSSEEClientConfig
+from .validators import int_in
 
 POOL_HELP = "host:port of server A and of server B; a pool of replicas of one party is written h1:port,h2:port"
 
@@ -65,7 +66,7 @@ def add_client_security_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--retries",
-        type=int,
+        type=int_in(0),
         default=DEFAULT_RETRIES,
         help=f"retries of an unavailable server (default {DEFAULT_RETRIES})",
     )
@@ -83,7 +84,8 @@ def client_config_from_args(args: argparse.Namespace) -> HSSEEClientConfig:
         tls_server_name=getattr(args, "tls_server_name", None),
         token=token or None,
         token_file=token_file,
-        timeout=getattr(args, "timeout", None) or DEFAULT_TIMEOUT,
+        # `is None`, not `or`: a zero timeout must be refused by the config, never replaced by the default.
+        timeout=DEFAULT_TIMEOUT if getattr(args, "timeout", None) is None else args.timeout,
         retries=getattr(args, "retries", DEFAULT_RETRIES),
     )
 

@@ -10,10 +10,11 @@ import argparse
 import logging
 import sys
 
-from ..artifacts.stages import VISION_FAMILY
-from ..errors import CheckpointError, HSSEEError, InputFileError
-from .args import POOL_HELP
+from ..errors import HSSEEError
 from .base import Command
+from .generate import ClassifyCommand, GenerateCommand
+from .validators import float_in, int_in
+from .version import package_version
 
 logger = logging.getLogger("hss_ee_hf")
 
@@ -89,7 +90,9 @@ class ServeCommand(Command):
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (server weights are downloaded)")
-        p.add_argument("--port", type=int, default=50051, help="TCP port to listen on (default 50051; 0 picks one)")
+        p.add_argument(
+            "--port", type=int_in(0, 65535), default=50051, help="TCP port, 0-65535 (default 50051; 0 picks one)"
+        )
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
         p.add_argument(
             "--device",
@@ -98,20 +101,20 @@ class ServeCommand(Command):
         )
         p.add_argument(
             "--max-rows",
-            type=int,
+            type=int_in(1),
             default=None,
             help="most rows (tokens) one request may carry (default: 8192, or fewer if the widest stage needs it)",
         )
         p.add_argument(
             "--workers",
-            type=int,
+            type=int_in(1),
             default=32,
             help="gRPC worker threads (default 32). Each client session's open stage stream holds one; a quarter "
             "(at least two) stay free for unary calls",
         )
         p.add_argument(
             "--threads",
-            type=int,
+            type=int_in(1),
             help="torch compute threads (default: torch's choice; use 1 when client and servers share a few cores)",
         )
         p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
@@ -119,7 +122,7 @@ class ServeCommand(Command):
         p.add_argument("--token", help="Hub token for a private repo (default: the logged-in token)")
         p.add_argument(
             "--batch-window-ms",
-            type=float,
+            type=float_in(0.0),
             default=0.0,
             help="batch concurrent sessions' requests for one stage arriving within this many ms (default 0: off)",
         )
@@ -130,6 +133,17 @@ class ServeCommand(Command):
             help="ring kernel: native (CPU: 2-byte weights, AVX2, built once with the system C compiler), int8 "
             "(2-byte weights as two int8 limbs, torch._int_mm on tensor cores), float64 (three 22-bit limbs through "
             "float64 GEMM), or auto: int8 on CUDA, native on CPU when it builds (default: $HSS_EE_KERNEL or auto)",
+        )
+        p.add_argument(
+            "--operator",
+            default="",
+            help="who runs this server, reported to clients (they refuse two parties of one operator)",
+        )
+        p.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="skip recomputing the weights' fingerprint and checking the shards against config.json at start "
+            "(saves about a second per GB; only for a checkpoint verified before)",
         )
         from .args import add_server_security_args, parse_schedules
 
@@ -165,134 +179,9 @@ class ServeCommand(Command):
             batch_window_ms=args.batch_window_ms,
             kernel=args.kernel,
             schedules=args.schedules,
+            operator=args.operator,
+            trust_checkpoint=args.trust_checkpoint,
         )
-        return 0
-
-
-class GenerateCommand(Command):
-    name = "generate"
-    help = (
-        "Generate text privately through two share servers (decoder LLMs and T5 text-to-text models), streaming "
-        "tokens to stdout."
-    )
-
-    def add_arguments(self, p):
-        p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
-        p.add_argument("prompt", help="the prompt (with --chat: the user message)")
-        p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help=POOL_HELP)
-        p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-        p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the chat template")
-        p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-        p.add_argument("--top-k", type=int, default=50, help="top-k filtering (with --do-sample)")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering (with --do-sample)")
-        p.add_argument("--seed", type=int, help="sampling seed (with --do-sample)")
-        p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
-        p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
-        p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
-        p.add_argument(
-            "--verify",
-            action="store_true",
-            help="Freivalds-check every server reply so a cheating server is detected and named (needs the weights)",
-        )
-        from .args import add_client_security_args, add_rounds_args
-
-        add_client_security_args(p)
-        add_rounds_args(p)
-
-    def run(self, args):
-        import torch
-        from transformers import AutoConfig, AutoTokenizer, TextStreamer
-
-        from ..client.modeling import HSSEEForCausalLM, HSSEEForConditionalGeneration
-        from ..hub.download import resolve_client_files
-        from .args import client_config_from_args, rounds_kwargs
-
-        folder = resolve_client_files(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
-        config = AutoConfig.from_pretrained(folder)
-        if config.model_type in VISION_FAMILY:
-            raise CheckpointError(f"{args.checkpoint} is an image classifier; use `hss-ee classify` for it")
-        client_class = HSSEEForConditionalGeneration if config.is_encoder_decoder else HSSEEForCausalLM
-        tok = AutoTokenizer.from_pretrained(folder)
-        load_kwargs, gen_kwargs = rounds_kwargs(args) if client_class is HSSEEForCausalLM else ({}, {})
-        with client_class.from_pretrained(
-            args.checkpoint,
-            key=args.key,
-            endpoints=args.endpoints,
-            timeout=args.timeout,
-            client_config=client_config_from_args(args),
-            verify=args.verify,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-            **load_kwargs,
-        ) as model:
-            if args.chat:
-                messages = [{"role": "user", "content": args.prompt}]
-                inputs = tok.apply_chat_template(
-                    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-                )
-            else:
-                inputs = tok(args.prompt, return_tensors="pt")
-            if args.seed is not None:
-                torch.manual_seed(args.seed)  # HF sampling draws from torch's generator; nothing secret
-            sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else {}
-            model.generate(
-                **inputs,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=args.do_sample,
-                streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                **sampling,
-                **gen_kwargs,
-            )
-        return 0
-
-
-class ClassifyCommand(Command):
-    name = "classify"
-    help = "Classify images privately (ResNet, ViT) through two share servers; prints the top labels of each image."
-
-    def add_arguments(self, p):
-        p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (only client files are fetched)")
-        p.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
-        p.add_argument("--key", required=True, help="the secret key file written by `hss-ee convert`")
-        p.add_argument("--endpoints", nargs=2, required=True, metavar=("A", "B"), help=POOL_HELP)
-        p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default 5)")
-        p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
-        p.add_argument("--revision", help="Hub revision when CHECKPOINT is a repo id")
-        p.add_argument("--cache-dir", help="Hub cache folder when CHECKPOINT is a repo id")
-        from .args import add_client_security_args
-
-        add_client_security_args(p)
-
-    def run(self, args):
-        from pathlib import Path
-
-        from ..client.modeling import HSSEEForImageClassification
-        from ..pipelines.image_classification import HSSEEImageClassificationPipeline
-        from .args import client_config_from_args
-
-        missing = [image for image in args.images if not Path(image).is_file()]
-        if missing:
-            raise InputFileError(f"image file(s) not found: {', '.join(missing)}")
-        empty = [image for image in args.images if Path(image).stat().st_size == 0]
-        if empty:  # Pillow's own message for these ("cannot identify image file") does not say why
-            raise InputFileError(f"image file(s) empty (0 bytes): {', '.join(empty)}; pass the images themselves")
-        with HSSEEForImageClassification.from_pretrained(
-            args.checkpoint,
-            key=args.key,
-            endpoints=args.endpoints,
-            timeout=args.timeout,
-            client_config=client_config_from_args(args),
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-        ) as model:
-            classify = HSSEEImageClassificationPipeline(model)
-            for image, rows in zip(args.images, classify(list(args.images), top_k=args.top_k), strict=True):
-                print(image)
-                for row in rows:
-                    print(f"  {row['score']:.4f}  {row['label']}")
         return 0
 
 
@@ -334,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Private inference for Hugging Face models on two non-colluding share servers (HSS + EE).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (never secrets)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _commands():
         p = sub.add_parser(command.name, help=command.help, description=command.help)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
     MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
@@ -40,12 +40,15 @@ from ..transport.base import Transport
 from ..transport.config import HSSEEClientConfig
 from .drafting import DraftingMixin
 from .inputs import check_generate_inputs
+from .load_checks import check_vocab, load_client_config, load_client_state, open_shard
 from .options import unknown_option_error
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .schedule import apply_schedule, check_request
 from .stage_client import StageClient
 
 logger = logging.getLogger(__name__)
+# Serialises what `from_pretrained` does while module creation may be patched (see its use).
+_MODULE_CREATION_LOCK = threading.RLock()
 
 
 def _make_transport(endpoints, transport: Transport | None, timeout: float | None, client_config) -> Transport:
@@ -58,7 +61,8 @@ def _make_transport(endpoints, transport: Transport | None, timeout: float | Non
         )
     from ..transport.grpc_client import GrpcTransport
 
-    return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
+    # GrpcTransport checks the pair itself: a plain string such as "ab" is refused, never split into hosts.
+    return GrpcTransport(endpoints, timeout=timeout, config=client_config)
 
 
 class HSSEEPreTrainedModel:
@@ -153,7 +157,7 @@ class HSSEEPreTrainedModel:
             local_files_only=local_files_only,
         )
         attn_impl = kwargs.pop("attn_implementation", None)
-        config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
+        config, unused = load_client_config(folder, **kwargs)
         if unused:  # transformers drops keywords that are no config field: a misspelt option would be ignored
             fields = f"fields of {type(config).__name__} (they override the checkpoint's config.json)"
             raise unknown_option_error(f"{cls.__name__}.from_pretrained()", unused, config.to_dict(), fields)
@@ -169,7 +173,9 @@ class HSSEEPreTrainedModel:
                 f"({', '.join(config.architectures or [])}). Use the client class of its task"
             )
         klass = type(f"HSSEE{base.__name__}", (cls, base), {"__module__": __name__})
-        with init_empty_weights():
+        # accelerate's init_empty_weights patches module creation process-wide: a second thread building its
+        # layers meanwhile would get meta tensors. Every module creation of a load happens under this lock.
+        with _MODULE_CREATION_LOCK, init_empty_weights():
             model = klass(config)
         transport = _make_transport(endpoints, transport, timeout, client_config)
         try:
@@ -188,7 +194,8 @@ class HSSEEPreTrainedModel:
             if hasattr(transport, "check_fingerprint"):  # fail at load, naming the server, not at generate()
                 servers = transport.check_fingerprint(info.fingerprint)
                 max_rows = min([max_rows, *(d["max_rows"] for d in servers)])
-            model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows, precompute)
+            with _MODULE_CREATION_LOCK:
+                model._hss_ee_attach(folder, config, info, ee_key, transport, max_rows, precompute)
             if stages_per_layer != 4:
                 infos = servers or (transport.describe() if hasattr(transport, "describe") else ())
                 model.hss_ee_stages_per_layer = apply_schedule(model, stages_per_layer, infos)
@@ -205,9 +212,9 @@ class HSSEEPreTrainedModel:
 
     def _hss_ee_attach(self, folder, config, info, ee_key, transport, max_rows, precompute=True) -> None:
         folder = Path(folder)
-        with safe_open(str(folder / info.client_shard), "pt") as f:
+        with open_shard(folder / info.client_shard) as f:
             client = {name: f.get_tensor(name).to(torch.float32) for name in f.keys()}
-        with safe_open(str(folder / info.scales_file), "pt") as f:
+        with open_shard(folder / info.scales_file) as f:
             if (f.metadata() or {}).get("fingerprint") != info.fingerprint:
                 raise CheckpointError(f"{info.scales_file} belongs to another checkpoint; convert the model again")
             scales = {name: f.get_tensor(name) for name in f.keys()}
@@ -231,8 +238,10 @@ class HSSEEPreTrainedModel:
         if self._permutes_input_ids:
             emb = self.get_input_embeddings()
             emb_name = next(n for n, m in self.named_modules() if m is emb)
-            self.set_input_embeddings(PermutedEmbedding(client.pop(emb_name + ".weight"), ee_key.vocab_perm))
-        missing = self.load_state_dict(client, strict=False, assign=True)
+            table = client.pop(emb_name + ".weight")
+            check_vocab(config, table, ee_key.vocab_perm.numel(), folder)
+            self.set_input_embeddings(PermutedEmbedding(table, ee_key.vocab_perm))
+        missing = load_client_state(self, client, folder)
         if missing.unexpected_keys:
             raise CheckpointError(
                 f"unexpected client tensors {missing.unexpected_keys[:5]}; is this an EE checkpoint?"

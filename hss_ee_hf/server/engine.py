@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from ..artifacts.checkpoint import HSSEECheckpointInfo, short
 from ..artifacts.fused import SCHEDULES, iter_fused_stage_weights
+from ..artifacts.integrity import verify_checkpoint
 from ..errors import StageRequestError
 from ..ring.csprng import SEED_BYTES
 from ..ring.matmul import RingBlocks, RingWeight
 from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
 from .batching import StageBatcher
+from .memory import TRIM_ROWS, release_after_large_request, release_freed_memory, use_mmap_for_large_buffers
+from .options import DEFAULT_MAX_ROWS, check_engine_options, load_server_config, resolve_device
 from .placement import load_stage_weights
 
 logger = logging.getLogger(__name__)
-DEFAULT_MAX_ROWS = 8192
 
 
 class StageEngine:
@@ -45,6 +47,10 @@ class StageEngine:
         schedules (`tuple[int, ...]`, *optional*, defaults to `(4,)`): stages per decoder layer offered to clients.
             With 2, the fused stages (`artifacts.fused`) are built here at load time from the public EE weights:
             the checkpoint stays ordinary, and the server holds and multiplies ≈ 1.9× as much.
+
+        trust_checkpoint (`bool`, *optional*, defaults to `False`): skip recomputing the fingerprint from the
+            weights and checking the shards against the config's stage layout (saves about a second per GB of
+            weights; only for a checkpoint verified before).
 
     Raises:
         `UnsupportedArchitectureError`: schedule 2 was asked for a family that has none.
@@ -66,20 +72,29 @@ class StageEngine:
         batch_window_ms: float = 0.0,
         kernel: str | None = None,
         schedules: tuple[int, ...] = (4,),
+        trust_checkpoint: bool = False,
     ):
+        check_engine_options(max_rows, batch_window_ms)
+        bad = [s for s in schedules if s not in SCHEDULES]
+        if bad or 4 not in schedules:
+            raise ValueError(f"schedules must include 4 and be among {SCHEDULES}, got {tuple(schedules)}")
+        use_mmap_for_large_buffers()  # long prompts' buffers go back to the OS when freed
         folder = Path(checkpoint)
         self.info = HSSEECheckpointInfo.from_folder(folder)
-        self.config = AutoConfig.from_pretrained(folder)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.config = load_server_config(folder)
+        self.device = resolve_device(device)
+        self.verify_seconds = 0.0
+        if not trust_checkpoint:
+            # Serve only weights whose fingerprint is the one announced: an edited shard would give wrong text.
+            start = time.perf_counter()
+            checked = verify_checkpoint(folder, self.config, self.info)
+            self.verify_seconds = time.perf_counter() - start
+            if checked:
+                logger.info("recomputed the fingerprint of %s in %.2f s", folder, self.verify_seconds)
         self.max_rows = max_rows
         self.weights, self.placement = load_stage_weights(
             folder, self.config, self.info.ring, self.device, kernel=kernel, progress=progress
         )
-        bad = [s for s in schedules if s not in SCHEDULES]
-        if bad or 4 not in schedules:
-            raise ValueError(f"schedules must include 4 and be among {SCHEDULES}, got {tuple(schedules)}")
         self.schedules = tuple(sorted(set(schedules), reverse=True))
         self.fused_scales: dict[str, torch.Tensor] = {}
         if 2 in self.schedules:
@@ -88,6 +103,8 @@ class StageEngine:
                 self.weights[fused.name] = RingBlocks(held)
                 self.fused_scales[fused.name] = scale
         self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
+        # Loading (and hashing) copied every tensor once; hand those freed pages back before serving.
+        release_freed_memory()
         held = sum(w.nbytes for w in self.weights.values())
         logger.info(
             "loaded %d stages of checkpoint %s on %s (%s kernel, %.1f MB of weights)",
@@ -188,4 +205,9 @@ class StageEngine:
         else:
             x = torch.frombuffer(bytearray(share), dtype=torch.int64).view(rows, weight.in_features)
         y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
-        return y.cpu().numpy().tobytes()
+        out = y.cpu().numpy().tobytes()
+        if rows >= TRIM_ROWS:
+            # A long prompt's buffers would otherwise stay in glibc's arenas for the life of the process.
+            del x, y
+            release_after_large_request()
+        return out

@@ -24,7 +24,8 @@ from ..artifacts.checkpoint import short
 from ..errors import HSSEEError
 from ..transport.base import PROTOCOL_VERSION
 from ..transport.service_config import server_keepalive_options
-from .engine import DEFAULT_MAX_ROWS, StageEngine
+from .engine import StageEngine
+from .options import DEFAULT_MAX_ROWS
 from .security import HSSEEServerSecurity
 from .servicer import SERVICE_NAME, ShareServicer, share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
 
@@ -87,6 +88,7 @@ def _start(
     max_workers: int,
     security: HSSEEServerSecurity | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    operator: str = "",
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     limit = message_limit(engine)
     # Read the PEM files before binding, so a bad path fails without a half-started server.
@@ -104,7 +106,7 @@ def _start(
         ],
     )
     # A quarter of the workers (at least two) always stay free for unary calls and health checks.
-    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)))
+    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)), operator=operator)
     server.add_generic_rpc_handlers((share_server_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -197,6 +199,8 @@ def serve(
     batch_window_ms: float = 0.0,
     kernel: str | None = None,
     schedules: tuple[int, ...] = (4,),
+    operator: str = "",
+    trust_checkpoint: bool = False,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -225,6 +229,10 @@ def serve(
         kernel (`str`, *optional*): CPU ring kernel, `"auto"`, `"native"` or `"float64"` (see [`StageEngine`]).
         schedules (`tuple[int, ...]`, *optional*, defaults to `(4,)`): stages per decoder layer offered; `(4, 2)`
             also builds the fused stages of the two-stage schedule at load time (see [`StageEngine`]).
+        operator (`str`, *optional*): who runs this server, reported by `Describe` so a client can refuse two
+            parties of one operator.
+        trust_checkpoint (`bool`, *optional*, defaults to `False`): skip recomputing the weights' fingerprint
+            and checking the shards against the config at load (see [`StageEngine`]).
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -241,15 +249,16 @@ def serve(
     engine = StageEngine(
         checkpoint,
         device=device,
-        max_rows=max_rows or DEFAULT_MAX_ROWS,
+        max_rows=DEFAULT_MAX_ROWS if max_rows is None else max_rows,
         progress=progress,
         batch_window_ms=batch_window_ms,
         kernel=kernel,
         schedules=schedules,
+        trust_checkpoint=trust_checkpoint,
     )
     if max_rows is None:
         fit_max_rows(engine)
-    server, bound, health_servicer = _start(engine, host, port, max_workers, security)
+    server, bound, health_servicer = _start(engine, host, port, max_workers, security, operator=operator)
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}

@@ -9,6 +9,7 @@ and seeds) are never logged and never echoed in a status message. [`hss_ee_hf.se
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -67,6 +68,8 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
 
     Args:
         engine (`StageEngine`): the loaded EE checkpoint this server computes with.
+        max_streams (`int`, *optional*): how many stage streams may be open at once.
+        operator (`str`, *optional*): who runs this server, reported by `Describe` (`--operator`).
 
     Example:
 
@@ -76,8 +79,11 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
     ```
     """
 
-    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_STREAMS):
+    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_STREAMS, operator: str = ""):
         self.engine = engine
+        # A fresh id per server start: a client that sees one id at both parties is talking to one process.
+        self.instance_id = os.urandom(16).hex()
+        self.operator = operator
         # An open stream holds a worker thread for its lifetime; the rest stay free for unary calls.
         self.max_streams = max_streams
         self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
@@ -143,6 +149,8 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             stages=stages,
             max_rows=self.engine.max_rows,
             schedules=self.engine.schedules,
+            instance_id=self.instance_id,
+            operator=self.operator,
         )
 
 

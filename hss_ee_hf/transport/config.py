@@ -36,6 +36,8 @@ DEFAULT_RETRIES = 4
 DEFAULT_INITIAL_BACKOFF = 0.1
 DEFAULT_MAX_BACKOFF = 5.0
 DEFAULT_BACKOFF_MULTIPLIER = 2.0
+# A restarted server (an upgrade, a crash) needs seconds to load its weights; calls wait this long for it.
+DEFAULT_RESTART_WINDOW = 30.0
 
 
 class SecurityConfigError(HSSEEError, ValueError):
@@ -117,8 +119,11 @@ class HSSEEClientConfig:
             Prefer `token_file` or the `HSS_EE_TOKEN` environment variable to typing it in a command line.
         token_file (`str` or `os.PathLike`, *optional*): file whose first token line is the bearer token.
         timeout (`float`, *optional*, defaults to 60.0): deadline in seconds of each call (each attempt).
-        retries (`int`, *optional*, defaults to 4): extra attempts after an `UNAVAILABLE` reply. Stage calls
-            are stateless and idempotent, so repeating one is safe.
+        retries (`int`, *optional*, defaults to 4): extra attempts after an `UNAVAILABLE` reply, at least. Stage
+            calls are stateless and idempotent, so repeating one is safe. `0` turns retrying off.
+        restart_window (`float`, *optional*, defaults to 30.0): beyond `retries`, seconds an `UNAVAILABLE` server
+            is still retried (bounded by `timeout`), so a server restarting in that time does not fail the
+            generations in flight; a server that is back is used at once.
         initial_backoff (`float`, *optional*, defaults to 0.1): seconds before the first retry.
         max_backoff (`float`, *optional*, defaults to 5.0): cap of the wait between retries.
         backoff_multiplier (`float`, *optional*, defaults to 2.0): growth of the wait per retry.
@@ -149,6 +154,7 @@ class HSSEEClientConfig:
     initial_backoff: float = DEFAULT_INITIAL_BACKOFF
     max_backoff: float = DEFAULT_MAX_BACKOFF
     backoff_multiplier: float = DEFAULT_BACKOFF_MULTIPLIER
+    restart_window: float = DEFAULT_RESTART_WINDOW
     max_message_bytes: int | None = None
     stream: bool = True
     _token_value: str | None = field(default=None, init=False, compare=False)
@@ -156,6 +162,10 @@ class HSSEEClientConfig:
     def __post_init__(self) -> None:
         if not self.timeout > 0:
             raise SecurityConfigError(f"timeout must be positive seconds, got {self.timeout}")
+        if not (isinstance(self.restart_window, (int, float)) and 0 <= self.restart_window < float("inf")):
+            raise SecurityConfigError(
+                f"restart_window must be finite seconds >= 0, got {self.restart_window!r}; 0 keeps only `retries`"
+            )
         if not (isinstance(self.retries, int) and self.retries >= 0):
             raise SecurityConfigError(f"retries must be a non-negative integer, got {self.retries!r}")
         if not (self.initial_backoff >= 0 and self.max_backoff >= 0 and self.backoff_multiplier >= 1):

@@ -27,9 +27,12 @@ from ..errors import TransportError
 from ..ring.sharing import Shares
 from .base import PROTOCOL_VERSION, Transport, bytes_to_share, scales_from_bytes
 from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
+from .endpoints import check_distinct_addresses, check_distinct_parties
+from .grpc_errors import ADVICE, error_code, rpc_error
 from .pools import grpc_target, parse_endpoints, tls_target_name
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
 from .replicas import describe_replicas
+from .restarts import may_retry, reconnect_options, wait_for_server
 from .service_config import client_channel_options
 from .streams import STREAM_LIMIT_DETAILS, StreamPool, Watchdog
 
@@ -46,78 +49,12 @@ _MIN_RECONNECT_BACKOFF_MS = 20
 _STREAM_RETRY_SECONDS = 10.0
 
 
-def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
-    """The status of a failed call (unary or streamed), `None` when gRPC gave none."""
-    code = getattr(err, "code", None)
-    return code() if callable(code) else None
-
-
-_ADVICE = {
-    "INVALID_ARGUMENT": "the server refused the request as malformed; run the same hss-ee-hf version on client and "
-    "servers",
-    "FAILED_PRECONDITION": "point the client at servers started with the same EE checkpoint and hss-ee-hf version",
-    "RESOURCE_EXHAUSTED": "send fewer rows per request (the server's limit is `describe()[i]['max_rows']`) or start "
-    "the server with a higher `--max-rows`",
-    "DEADLINE_EXCEEDED": "the server did not answer in time; it may be overloaded, or raise the transport's `timeout`",
-    "UNAUTHENTICATED": "pass the bearer token the server was started with (`HSSEEClientConfig(token_file=...)`, "
-    "`--token-file` or the HSS_EE_TOKEN environment variable)",
-    "PERMISSION_DENIED": "pass the credentials the server requires",
-    "UNIMPLEMENTED": "the endpoint is not an hss-ee share server, or runs an incompatible hss-ee-hf version",
-    "INTERNAL": "the server failed while computing; its log names the cause",
-    "CANCELLED": "the call was cancelled before the server answered; retry",
-}
-
-
-def _unavailable_advice(endpoint: str, config: HSSEEClientConfig, details: str) -> str:
-    """What to do about an `UNAVAILABLE` reply, told apart by what gRPC reports about the connection."""
-    if "WRONG_VERSION_NUMBER" in details:
-        return (
-            f"the server at {endpoint} does not speak TLS; start it with `--tls-cert` and `--tls-key`, or connect "
-            "without TLS (only on a trusted network)"
-        )
-    if "CERTIFICATE_VERIFY_FAILED" in details or "Peer name" in details or "peer name" in details:
-        return (
-            f"the certificate of {endpoint} is not signed by the CA this client trusts (`--tls-ca`) or does not "
-            "name this host; pass the CA that signed it, or `--tls-server-name` with the name in its SAN"
-        )
-    if "Socket closed" in details or "Connection reset" in details:
-        if config.uses_tls:
-            return (
-                f"{endpoint} closed the connection during the TLS handshake: it probably requires a client "
-                "certificate (mutual TLS); pass `--tls-cert` and `--tls-key` signed by the CA it trusts "
-                "(`HSSEEClientConfig(tls_client_cert=..., tls_client_key=...)`)"
-            )
-        return (
-            f"{endpoint} closed the plaintext connection at once: it probably requires TLS; pass the CA that "
-            "signed its certificate (`HSSEEClientConfig(tls_ca_cert=...)`, `--tls-ca`) and connect without TLS "
-            "only to a server started without `--tls-cert`"
-        )
-    return (
-        f"the server at {endpoint} is not reachable; start it with `hss-ee serve CHECKPOINT --port PORT` "
-        "and check the host, port and firewall"
-        + (" (and that it uses TLS, as this client does)" if config.uses_tls else "")
-    )
-
-
 def _stage_request(party: int, fingerprint: str, stage: str, shares: Shares) -> hss_ee_pb2.StageRequest:
     """What one party is sent for a stage: party A (0) the 32-byte seed of its share, party B (1) its share."""
     payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
     return hss_ee_pb2.StageRequest(
         version=PROTOCOL_VERSION, fingerprint=fingerprint, stage=stage, rows=shares.a.shape[0], **payload
     )
-
-
-def _rpc_error(endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, attempts: int = 1) -> TransportError:
-    """Turns a failed call into a `TransportError` naming `endpoint`, the status and what to do."""
-    code = _code(err)
-    details = err.details() if callable(getattr(err, "details", None)) else None
-    name = code.name if code is not None else "UNKNOWN"
-    if name == "UNAVAILABLE":
-        advice = _unavailable_advice(endpoint, config, details or "")
-    else:
-        advice = _ADVICE.get(name, "check the server's log")
-    tried = f" (after {attempts} attempts)" if attempts > 1 else ""
-    return TransportError(endpoint, f"{name}{tried}: {details or 'no details'}; {advice}")
 
 
 class GrpcTransport(Transport):
@@ -174,10 +111,7 @@ class GrpcTransport(Transport):
         config.check_endpoints([a for pool in pools.addresses for a in pool])
         self._credentials = credentials = config.channel_credentials()
         initial_ms = max(_MIN_RECONNECT_BACKOFF_MS, int(config.initial_backoff * 1000))
-        reconnect = [
-            ("grpc.initial_reconnect_backoff_ms", initial_ms),
-            ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.max_backoff * 1000))),
-        ]
+        reconnect = reconnect_options(initial_ms)
         name = [tls_target_name(pools, party, config.tls_server_name) if config.uses_tls else None for party in (0, 1)]
         self._options = tuple(
             client_channel_options(config, limit, name[party], pools.is_pool(party)) + reconnect for party in (0, 1)
@@ -214,7 +148,7 @@ class GrpcTransport(Transport):
         calls on a pool thread: unlike `future()`, they start no gRPC polling thread per call.
         """
         endpoint = self.endpoints[party]
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
             streamed = method == "Stage" and time.monotonic() >= self._unary_until[party]
             try:
@@ -225,14 +159,20 @@ class GrpcTransport(Transport):
                     return reply
                 return getattr(self._stubs[party], method)(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                code = _code(err)
+                code = error_code(err)
                 if streamed and getattr(err, "expired", False):
                     late = f"DEADLINE_EXCEEDED: no reply within {self.timeout:g} s"
-                    raise TransportError(endpoint, f"{late}; {_ADVICE['DEADLINE_EXCEEDED']}") from err
+                    raise TransportError(endpoint, f"{late}; {ADVICE['DEADLINE_EXCEEDED']}") from err
                 if streamed and self._stream_refused(party, code, err):
                     continue  # the same call, unary, at once: nothing was computed
-                # gRPC's retry policy has already retried a unary call (service_config.py); streams are retried here.
-                if streamed and code in RETRYABLE_CODES and attempt < self.config.retries and not abandon.is_set():
+                # Unary calls and streams alike are retried here (gRPC's retry policy is off, see service_config.py),
+                # at least `retries` times and for as long as a restarting server may take, within the deadline.
+                c = self.config
+                if (
+                    code in RETRYABLE_CODES
+                    and not abandon.is_set()
+                    and may_retry(attempt, started, c.retries, c.restart_window, self.timeout)
+                ):
                     delay = self._backoff(attempt)
                     attempt += 1
                     with self._lock:
@@ -246,10 +186,11 @@ class GrpcTransport(Transport):
                         self.config.retries,
                         delay,
                     )
-                    if abandon.wait(delay):  # the other party failed for good: stop retrying
-                        raise _rpc_error(endpoint, err, self.config, attempts=attempt) from err
+                    # Back as soon as the server is: the wait ends when the channel reconnects.
+                    if wait_for_server(self._channels[party], delay, abandon):  # the other party failed for good
+                        raise rpc_error(endpoint, err, self.config, attempts=attempt) from err
                     continue
-                raise _rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
+                raise rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
 
     def _stream_refused(self, party: int, code: grpc.StatusCode | None, err: grpc.RpcError) -> bool:
         """Whether a stream failed only because the server cannot open one; if so, go unary for a while."""
@@ -321,9 +262,9 @@ class GrpcTransport(Transport):
 
         Returns:
             One dict per server, in endpoint order, with keys `endpoint`, `fingerprint`, `protocol_version`,
-            `max_rows`, `stages` (stage name -> `(in_features, out_features)`, in forward-pass order), `schedules`
-            (stages per decoder layer offered) and `scales` (stage -> float64 output scales, for the stages the
-            server built itself).
+            `max_rows`, `instance_id`, `operator`, `stages` (stage name -> `(in_features, out_features)`, in
+            forward-pass order), `schedules` (stages per decoder layer offered) and `scales` (stage -> float64 output
+            scales, for the stages the server built itself).
 
         Raises:
             `TransportError`: naming the server that could not be asked.
@@ -335,6 +276,8 @@ class GrpcTransport(Transport):
                 "fingerprint": reply.fingerprint,
                 "protocol_version": reply.protocol_version,
                 "max_rows": reply.max_rows,
+                "instance_id": reply.instance_id,
+                "operator": reply.operator,
                 "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
                 "schedules": tuple(reply.schedules) or (4,),
                 "scales": {
@@ -357,8 +300,12 @@ class GrpcTransport(Transport):
             `TransportError`: naming the first server that is unreachable, serves another checkpoint, or speaks
                 another protocol version. Every replica of a pool is asked on its own (one that is down is skipped
                 with a warning; see [`hss_ee_hf.transport.replicas`]).
+            `PartyOverlapError`: both endpoints are one server (same address after resolution, or one instance).
         """
+        # Refused before any share is sent: one process holding both shares reconstructs the user's data.
+        check_distinct_addresses(self.pools.addresses)
         infos = self.describe()
+        check_distinct_parties(infos)
         replicas = [
             {"endpoint": address, "fingerprint": reply.fingerprint, "protocol_version": reply.protocol_version}
             for party in (0, 1)

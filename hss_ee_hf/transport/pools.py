@@ -15,14 +15,14 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..errors import HSSEEError
+from ..errors import InvalidConfigError
 
 PARTY_NAMES = ("A", "B")
 # Addresses gRPC resolves itself (DNS names, `dns:///`, `unix:` ...) pass through unchanged when alone in a pool.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 
-class EndpointError(HSSEEError, ValueError):
+class EndpointError(InvalidConfigError):
     """The `endpoints` given for the two parties are malformed."""
 
 
