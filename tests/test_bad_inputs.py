@@ -344,8 +344,8 @@ CASES = (
     Case(
         "hss-ee generate",
         "empty prompt: ''",
-        "InvalidInputError",
-        "generate() got an empty prompt",
+        "InvalidConfigError",
+        "the prompt (PROMPT) is empty",
         _cli_generate_empty,
         servers=False,
     ),

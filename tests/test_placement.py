@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hss_ee_hf.errors import DevicePlacementError
+from hss_ee_hf.errors import DevicePlacementError, InvalidConfigError
 from hss_ee_hf.server import placement
 from hss_ee_hf.server.engine import StageEngine
 from hss_ee_hf.server.placement import device_capacities, load_stage_weights, plan_placement
@@ -67,7 +67,8 @@ def test_checkpoint_is_refused_before_any_weight_is_read(tiny_ee_checkpoint, mon
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_ee_checkpoint):
     with pytest.raises(DevicePlacementError, match="asks for CUDA"):
         device_capacities("cuda")
-    with pytest.raises(DevicePlacementError, match="asks for CUDA"):
+    # The engine refuses it before placing anything (its device check runs first), naming the flag.
+    with pytest.raises(InvalidConfigError, match="asks for a GPU"):
         StageEngine(tiny_ee_checkpoint, device="cuda")
 
 

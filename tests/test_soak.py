@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ from tiny_models import clear_prompts, convert_tiny  # noqa: E402
 from hss_ee_hf import HSSEEForCausalLM, TransportError  # noqa: E402
 from hss_ee_hf.cli.demo import free_port  # noqa: E402
 from hss_ee_hf.transport.config import HSSEEClientConfig  # noqa: E402
-from hss_ee_hf.transport.grpc_client import GrpcTransport  # noqa: E402
+from hss_ee_hf.transport.protos import hss_ee_pb2, hss_ee_pb2_grpc  # noqa: E402
 
 SESSIONS = int(os.environ.get("SOAK_SESSIONS", "16"))
 ROUNDS = int(os.environ.get("SOAK_ROUNDS", "6"))
@@ -66,14 +67,15 @@ class ServeProcess:
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server {self.endpoint} exited: {self.log()}")
-            try:
-                with GrpcTransport((self.endpoint,) * 2, config=HSSEEClientConfig(timeout=2.0, retries=0)) as probe:
-                    probe.describe()
-                return
-            except TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+            # One server alone: a transport would refuse it as both parties, so ask its Describe directly.
+            with grpc.insecure_channel(self.endpoint) as channel:
+                try:
+                    hss_ee_pb2_grpc.ShareServerStub(channel).Describe(hss_ee_pb2.DescribeRequest(), timeout=2.0)
+                    return
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.3)
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text(encoding="ascii")

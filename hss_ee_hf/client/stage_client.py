@@ -174,16 +174,20 @@ class StageClient:
                 unit="stage",
                 desc=f"HSS-EE prefill: {rows} rows, {requests} requests per stage (max_rows={self.max_rows})",
             )
-            self._progress.bar = bar
+            self._progress.bar, self._progress.done = bar, 0
         bar.update(1)
-        if bar.n >= bar.total:
+        # Counted here, not read from the bar: with progress bars disabled transformers hands out a stand-in whose
+        # attributes are no-op functions.
+        self._progress.done += 1
+        if self._progress.done >= len(self.in_features):
             self._end_progress()
 
     def _end_progress(self) -> None:
         bar = getattr(self._progress, "bar", None)
         if bar is not None:
-            if bar.n < bar.total:  # the pass's last stages took few rows (the lm_head of the last position only)
-                bar.total = bar.n
+            done = self._progress.done
+            if done < len(self.in_features):  # the pass's last stages took few rows (lm_head of the last position)
+                bar.total = done
             bar.close()
             self._progress.bar = None
 
