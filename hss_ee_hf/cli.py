@@ -84,12 +84,24 @@ class ConvertCommand(Command):
 
 class ServeCommand(Command):
     name = "serve"
-    help = "Serve an EE checkpoint as one of the two share servers (gRPC)."
+    help = "Serve an EE checkpoint as one of the two share servers (gRPC, and stage calls on a binary data plane)."
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (server weights are downloaded)")
         p.add_argument("--port", type=int, default=50051, help="TCP port to listen on (default 50051; 0 picks one)")
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+        p.add_argument(
+            "--data-port",
+            type=int,
+            default=None,
+            help="TCP port of the data plane (stage calls as binary frames, same TLS and tokens; clients learn it "
+            "from Describe, so open it in the firewall too). Default: PORT + 1, or a free one when PORT is 0",
+        )
+        p.add_argument(
+            "--no-data-plane",
+            action="store_true",
+            help="serve stage calls over gRPC only (one port; slower: a few hundred microseconds more per call)",
+        )
         p.add_argument(
             "--device", default="cpu", help="where the weights live: cpu, cuda, cuda:N or auto (default cpu)"
         )
@@ -154,6 +166,8 @@ class ServeCommand(Command):
             security=server_security_from_args(args),
             batch_window_ms=args.batch_window_ms,
             kernel=args.kernel,
+            data_port=args.data_port,
+            data_plane=not args.no_data_plane,
         )
         return 0
 

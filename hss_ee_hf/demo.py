@@ -93,7 +93,18 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
     try:
         for _ in range(count):
             port = free_port()
-            cmd = [sys.executable, "-m", "hss_ee_hf.cli", "serve", str(checkpoint), "--port", str(port)]
+            # the data plane on a free port too: `port + 1` (serve's default) may be another test's free port
+            cmd = [
+                sys.executable,
+                "-m",
+                "hss_ee_hf.cli",
+                "serve",
+                str(checkpoint),
+                "--port",
+                str(port),
+                "--data-port",
+                "0",
+            ]
             cmd += extra_args or []
             logs.append(tempfile.TemporaryFile())  # a file, not a pipe: a full pipe would block the server
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[-1]))

@@ -118,6 +118,17 @@ def _rpc_error(endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, att
     return TransportError(endpoint, f"{name}{tried}: {details or 'no details'}; {advice}")
 
 
+def _describe_dict(reply: hss_ee_pb2.DescribeReply, endpoint: str) -> dict:
+    return {
+        "endpoint": endpoint,
+        "fingerprint": reply.fingerprint,
+        "protocol_version": reply.protocol_version,
+        "max_rows": reply.max_rows,
+        "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
+        "data_port": reply.data_port,
+    }
+
+
 class GrpcTransport(Transport):
     """Runs stages on two share servers over gRPC, both calls in flight at once.
 
@@ -314,22 +325,29 @@ class GrpcTransport(Transport):
 
         Returns:
             One dict per server, in endpoint order, with keys `endpoint`, `fingerprint`, `protocol_version`,
-            `max_rows` and `stages` (stage name -> `(in_features, out_features)`, in forward-pass order).
+            `max_rows`, `stages` (stage name -> `(in_features, out_features)`, in forward-pass order) and
+            `data_port` (the server's data-plane port, 0 when it has none).
 
         Raises:
             `TransportError`: naming the server that could not be asked.
         """
         replies = self._call_both("Describe", (hss_ee_pb2.DescribeRequest(), hss_ee_pb2.DescribeRequest()))
-        return tuple(
-            {
-                "endpoint": endpoint,
-                "fingerprint": reply.fingerprint,
-                "protocol_version": reply.protocol_version,
-                "max_rows": reply.max_rows,
-                "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
-            }
-            for reply, endpoint in zip(replies, self.endpoints, strict=True)
-        )
+        return tuple(_describe_dict(reply, endpoint) for reply, endpoint in zip(replies, self.endpoints, strict=True))
+
+    def describe_party(self, party: int) -> dict:
+        """Asks one server what it serves, once (no retries): its entry of [`describe`].
+
+        Raises:
+            `TransportError`: naming the server, when it did not answer.
+        """
+        endpoint = self.endpoints[party]
+        try:
+            reply = self._stubs[party].Describe(
+                hss_ee_pb2.DescribeRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise _rpc_error(endpoint, err, self.config) from err
+        return _describe_dict(reply, endpoint)
 
     def check_fingerprint(self, fingerprint: str) -> tuple[dict, dict]:
         """Checks that both servers serve the checkpoint `fingerprint` with this client's protocol version.

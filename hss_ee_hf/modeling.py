@@ -51,7 +51,13 @@ def _make_transport(endpoints, transport: Transport | None, timeout: float | Non
         raise ValueError('pass endpoints=("hostA:port", "hostB:port") (two share servers) or a transport')
     from .grpc_transport import GrpcTransport
 
-    return GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
+    control = GrpcTransport(tuple(endpoints), timeout=timeout, config=client_config)
+    if not control.config.data_plane:
+        return control
+    from .socket_client import DataPlaneTransport
+
+    # gRPC stays the control plane; stage calls take each server's data plane when it advertises one
+    return DataPlaneTransport(control)
 
 
 class HSSEEPreTrainedModel:
@@ -98,7 +104,7 @@ class HSSEEPreTrainedModel:
             transport (`Transport`, *optional*): a ready transport instead of `endpoints` (e.g.
                 `InProcessTransport` for a single-machine trial).
             client_config (`HSSEEClientConfig`, *optional*): TLS / mutual TLS, bearer token, deadline and retries
-                for the gRPC connections.
+                for the connections to the servers, and whether stage calls may use their data planes.
             timeout (`float`, *optional*): per-call deadline in seconds for gRPC (overrides `client_config`).
             verify (`bool`, *optional*, defaults to `False`): Freivalds-check every output share so a cheating
                 server is detected and named (`CheatingServerError`). Needs the server weights once, to

@@ -6,11 +6,14 @@ transport (which knows bytes); it keeps counters a benchmark reads.
 
 Offline/online split: party A's share is a function of a fresh seed only, never of the data, so its
 product `x_A @ W_int.T` can be computed before the data exists. After each stage call of `n` rows the
-client asks party A, in the background, for its product under the next seed of that stage and shape.
-The next call of the same stage and shape then only has to wait for party B (`x_B = x - x_A`); party A's
-work overlaps the client's own nonlinear work. Every seed is used once. What each server receives is
-unchanged (A: 32-byte seeds, B: uniformly random shares); A's requests no longer line up with the user's
-tokens in time.
+client asks party A for its product under the next seed of that stage and shape. The next call of the same
+stage and shape then only has to wait for party B (`x_B = x - x_A`); party A's work overlaps the client's own
+nonlinear work. Every seed is used once. What each server receives is unchanged (A: 32-byte seeds, B:
+uniformly random shares); A's requests no longer line up with the user's tokens in time.
+
+On a `pipelined` transport (the data plane) asking is only a write: the request for the next seed goes out
+while party B computes the current call, and its reply waits on the wire until the next call reads it, with
+no thread involved. Other transports ask from one background thread.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import torch
 
 from .checkpoint import HSSEECheckpointInfo
 from .errors import CheckpointError, TransportError
-from .ring import decode_output, encode
-from .sharing import Shares, mask_for, reconstruct, share, share_with
-from .transport import Transport
+from .ring import StageCodec
+from .sharing import Shares, mask_for, share, share_with
+from .transport import PendingShare, Transport
 
 logger = logging.getLogger(__name__)
 PRECOMPUTE_MAX_ROWS = 16
 """Party A's products are prepared only for calls of at most this many rows (decode steps of a batch): a prompt's
 shape rarely comes back, and preparing for it would double party A's prefill work for nothing."""
 _Prepared = tuple[bytes, torch.Tensor, torch.Tensor]  # (seed, party A's share, party A's output share)
+_NO_SHARE = torch.empty(0, dtype=torch.int64)  # party B's share of a prepared call does not exist yet
 
 
 @dataclass
@@ -96,10 +100,18 @@ class StageClient:
         self.in_features = in_features
         self.max_rows = max_rows
         self.stats = StageStats()
-        # (stage, rows) -> party A's product under a seed prepared ahead of time; one background worker, as
-        # party A is one server and its requests need no parallelism.
-        self._ready: dict[tuple[str, int], Future] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute") if precompute else None
+        self._codecs: dict[str, StageCodec] = {}
+        # (stage, rows) -> party A's product under a seed prepared ahead of time: on a pipelined transport
+        # `(seed, share, pending reply)`, else a future of one background worker (party A is one server and its
+        # requests need no parallelism).
+        self._ready: dict[tuple[str, int], Future | tuple[bytes, torch.Tensor, PendingShare]] = {}
+        self._pipelined = precompute and transport.pipelined
+        self._precompute = precompute
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute")
+            if precompute and not self._pipelined
+            else None
+        )
 
     def run(self, stage: str, x: torch.Tensor) -> torch.Tensor:
         """Computes `x @ W_stage.T` on the servers without either of them seeing `x`.
@@ -115,18 +127,30 @@ class StageClient:
             `RingOverflowError`: `x` is outside the fixed-point range, or a reply was corrupted.
             `TransportError`: a server failed (the error names it).
         """
+        codec = self._codecs.get(stage)
+        if codec is None:
+            codec = self._codec(stage)
+        in_features = codec.in_features
+        if x.shape[-1] != in_features:
+            raise ValueError(f"stage {stage} takes {in_features} features, got shape {tuple(x.shape)}")
+        rows = x.detach().reshape(-1, in_features)
+        if rows.shape[0] <= self.max_rows:
+            y = self._run_rows(stage, rows, codec, x.dtype)
+        else:
+            y = torch.cat(
+                [
+                    self._run_rows(stage, rows[i : i + self.max_rows], codec, x.dtype)
+                    for i in range(0, len(rows), self.max_rows)
+                ]
+            )
+        return y.to(device=x.device).reshape(*x.shape[:-1], codec.out_features)
+
+    def _codec(self, stage: str) -> StageCodec:
         scale = self.scales.get(stage)
         if scale is None:
             raise CheckpointError(f"stage {stage!r} has no weight scales; the checkpoint's scales file is incomplete")
-        in_features = self.in_features[stage]
-        if x.shape[-1] != in_features:
-            raise ValueError(f"stage {stage} takes {in_features} features, got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, in_features)
-        outs = [
-            self._run_rows(stage, rows[i : i + self.max_rows], scale) for i in range(0, rows.shape[0], self.max_rows)
-        ]
-        y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], scale.numel())
+        codec = self._codecs[stage] = StageCodec(self.info.ring, self.in_features[stage], scale)
+        return codec
 
     def _prepare(self, stage: str, rows: int, in_features: int, out_features: int) -> _Prepared:
         """Party A's output share under a fresh mask, before the data exists (runs on the background worker)."""
@@ -135,7 +159,20 @@ class StageClient:
         return seed, a, self.transport.run_party(0, self.info.fingerprint, stage, only_a, out_features)
 
     def _schedule(self, stage: str, rows: int, in_features: int, out_features: int) -> None:
-        if self._pool is None or rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
+        if rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
+            return
+        if self._pipelined:
+            seed, a = mask_for((rows, in_features))
+            try:
+                pending = self.transport.send_party(
+                    0, self.info.fingerprint, stage, Shares(seed=seed, a=a, b=_NO_SHARE), out_features
+                )
+            except TransportError as err:  # the next call asks both servers, and reports what is wrong
+                logger.debug("could not ask party A ahead for %s (%s)", stage, type(err).__name__)
+                return
+            self._ready[(stage, rows)] = (seed, a, pending)
+            return
+        if self._pool is None:
             return
         try:
             self._ready[(stage, rows)] = self._pool.submit(self._prepare, stage, rows, in_features, out_features)
@@ -158,35 +195,66 @@ class StageClient:
 
     def wait_prepared(self) -> None:
         """Waits until every party-A product asked for ahead of time has arrived (or failed)."""
-        wait(list(self._ready.values()))
+        if not self._pipelined:
+            wait(list(self._ready.values()))
+            return
+        for key, (seed, a, pending) in list(self._ready.items()):
+            try:
+                self._ready[key] = (seed, a, PendingShare(lambda y: y, pending.result()))
+            except TransportError:
+                del self._ready[key]
 
     def close(self) -> None:
         """Stops preparing party A's products (the transport is closed by its owner)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._pipelined:
+            for _, _, pending in self._ready.values():
+                pending.cancel()
+            self._pipelined = False
         self._ready.clear()
 
-    def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _run_rows(self, stage: str, x: torch.Tensor, codec: StageCodec, dtype: torch.dtype) -> torch.Tensor:
         start = time.perf_counter()
-        rows, in_features, out_features = x.shape[0], x.shape[-1], scale.numel()
-        encoded = encode(x, self.info.ring, in_features)
+        rows, in_features, out_features = x.shape[0], codec.in_features, codec.out_features
+        encoded = codec.encode(x)
         encoded_at = time.perf_counter()
-        prepared = self._prepared(stage, rows) if self._pool is not None else None  # may wait for party A
-        waited = time.perf_counter() - encoded_at
-        if prepared is not None:
+        waited = 0.0
+        if self._pipelined:
+            prepared = self._ready.pop((stage, rows), None)
+        elif self._pool is not None:
+            prepared = self._prepared(stage, rows)  # may wait for party A
+            waited = time.perf_counter() - encoded_at
+        else:
+            prepared = None
+        if prepared is not None and self._pipelined:
+            seed, a, pending_a = prepared
+            shares = share_with(encoded, seed, a)
+            shared = time.perf_counter()
+            pending_b = self.transport.send_party(1, self.info.fingerprint, stage, shares, out_features)
+            self._schedule(stage, rows, in_features, out_features)  # party A's next product, while B computes
+            try:
+                y_a = pending_a.result()  # already on the wire, normally
+            except BaseException:
+                pending_b.cancel()
+                raise
+            y_b = pending_b.result()
+            self.stats.precomputed += 1
+        elif prepared is not None:
             seed, a, y_a = prepared
             shares = share_with(encoded, seed, a)
             shared = time.perf_counter()
             y_b = self.transport.run_party(1, self.info.fingerprint, stage, shares, out_features)
             self.stats.precomputed += 1
+            self._schedule(stage, rows, in_features, out_features)
         else:
             shares = share(encoded)
             shared = time.perf_counter()
             y_a, y_b = self.transport.run_stage(self.info.fingerprint, stage, shares, out_features)
+            self._schedule(stage, rows, in_features, out_features)
         received = time.perf_counter()
-        self._schedule(stage, rows, in_features, out_features)
-        y = decode_output(reconstruct(y_a, y_b), scale, x.shape[-1], self.info.ring)
+        y = codec.decode(y_a, y_b, dtype)
         st = self.stats
         st.share_seconds += shared - start - waited
         st.wait_seconds += received - shared + waited
@@ -194,7 +262,7 @@ class StageClient:
         st.round_trips += 1
         st.rows += x.shape[0]
         st.bytes_sent += len(shares.seed) + shares.b.numel() * 8
-        st.bytes_received += 2 * y_a.numel() * 8
+        st.bytes_received += 2 * y.numel() * 8
         st.seconds += time.perf_counter() - start
         st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
         return y

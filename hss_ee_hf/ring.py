@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from .errors import InvalidConfigError, RingOverflowError
@@ -149,6 +150,76 @@ def decode_output(y_int: torch.Tensor, scale: torch.Tensor, in_features: int, co
             raise RingOverflowError(f"reconstructed value below the overflow budget (-{limit}); a share is corrupted")
     # scaling the (out,) scales by 2^-f is exact, so this equals (y * s) * 2^-f with one pass over y fewer
     return y_int.to(torch.float64) * (scale.to(torch.float64) / (1 << config.frac_bits))
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+class StageCodec:
+    """[`encode`] and [`decode_output`] for one stage, with its limits and scales worked out once.
+
+    The client's online path runs these on every stage call; on CPU float32/float64 they run as a few NumPy passes
+    over the row instead of a dozen torch dispatches, and give the same results bit for bit (scaling by `2^f` and
+    rounding half to even are exact in either precision; the decoded values are the same float64 products, cast
+    once). Anything else (other dtypes, other devices) goes through [`encode`] / [`decode_output`].
+
+    Args:
+        config (`RingConfig`): ring parameters.
+        in_features (`int`): the stage's input width (bounds inputs and legitimate products).
+        scale (`torch.Tensor`): `(out,)` public per-output-channel weight scales.
+    """
+
+    def __init__(self, config: RingConfig, in_features: int, scale: torch.Tensor):
+        self.config, self.in_features = config, in_features
+        self.scale = scale.to(torch.float64)
+        self.out_features = self.scale.numel()
+        self.in_limit = config.activation_limit(in_features)
+        self.out_limit = config.output_limit(in_features)
+        self._frac = float(1 << config.frac_bits)
+        self._scale = (self.scale / (1 << config.frac_bits)).numpy()  # exact: a power of two
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """`(rows, in_features)` activations -> `int64` ring elements, as [`encode`].
+
+        Raises:
+            `RingOverflowError`: a value is not finite or outside the fixed-point range.
+        """
+        if x.device.type != "cpu" or x.dtype not in _NUMPY_FLOATS or x.requires_grad:
+            return encode(x, self.config, self.in_features)
+        v = x.numpy()
+        if v.size:
+            low, high = v.min(), v.max()
+            if not (high < self.in_limit and -self.in_limit < low):  # also true for NaN
+                peak = float(np.abs(v).max())
+                raise RingOverflowError(
+                    f"activation magnitude {peak:.4g} is outside the fixed-point range (< {self.in_limit:g}); "
+                    "the model produced non-finite or exploding activations for this input"
+                )
+        return torch.from_numpy(np.rint(v * self._frac).astype(np.int64))
+
+    def decode(self, y_a: torch.Tensor, y_b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Adds two output shares (mod 2^64) and decodes them to `dtype`, as [`decode_output`] then `.to(dtype)`.
+
+        Raises:
+            `RingOverflowError`: the sum is outside the overflow budget (a corrupted or mismatched share).
+        """
+        if y_a.device.type != "cpu" or y_b.device.type != "cpu" or dtype not in _NUMPY_FLOATS:
+            return decode_output(y_a + y_b, self.scale, self.in_features, self.config).to(dtype)
+        y = np.add(y_a.numpy(), y_b.numpy())  # int64 arrays wrap, as the ring requires
+        if y.size:
+            low, high = y.min(), y.max()
+            if high > self.out_limit:
+                raise RingOverflowError(
+                    f"reconstructed value outside the overflow budget (|y| <= {self.out_limit}); a share is "
+                    "corrupted or the two servers answered different requests"
+                )
+            if low < -self.out_limit:
+                raise RingOverflowError(
+                    f"reconstructed value below the overflow budget (-{self.out_limit}); a share is corrupted"
+                )
+        out = y.astype(np.float64)
+        out *= self._scale
+        return torch.from_numpy(out if dtype == torch.float64 else out.astype(_NUMPY_FLOATS[dtype]))
 
 
 def quantize_weight(weight: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import ssl
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,10 @@ class HSSEEClientConfig:
         stream (`bool`, *optional*, defaults to `True`): send stage calls on long-lived bidirectional streams
             (one message each way per call) instead of one unary call each; a server without streams to spare
             is reached with unary calls either way.
+        data_plane (`bool`, *optional*, defaults to `True`): send stage calls as binary frames on the data-plane
+            port a server advertises in `Describe` (same TLS, certificates and token as gRPC; see
+            `hss_ee_hf.frames`), keeping gRPC for everything else. Servers that advertise none, or whose data
+            port cannot be reached, get gRPC (streams, as `stream` says) either way.
 
     Example:
 
@@ -153,6 +158,7 @@ class HSSEEClientConfig:
     backoff_multiplier: float = DEFAULT_BACKOFF_MULTIPLIER
     max_message_bytes: int | None = None
     stream: bool = True
+    data_plane: bool = True
     _token_value: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -220,6 +226,40 @@ class HSSEEClientConfig:
         """gRPC channel options implied by this config (target-name override)."""
         return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The standard library TLS context of the data plane, from the same files as `channel_credentials`.
+
+        Only the CA in `tls_ca_cert` is trusted when it is set (as gRPC does), else the system's roots; the server
+        certificate must name the host (or `tls_server_name`); `tls_client_cert` is presented for mutual TLS.
+
+        Raises:
+            `SecurityConfigError`: a PEM file cannot be read or is not a certificate or key.
+        """
+        if not self.uses_tls:
+            return None
+        try:
+            if self.tls_ca_cert is not None:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                pem = _read_file(self.tls_ca_cert, "CA certificate", "--tls-ca").decode("ascii", errors="replace")
+                context.load_verify_locations(cadata=pem)
+            else:
+                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.tls_client_cert is not None:
+                _read_file(self.tls_client_cert, "client certificate", "--tls-cert")
+                _read_file(self.tls_client_key, "client key", "--tls-key")
+                context.load_cert_chain(self.tls_client_cert, self.tls_client_key)
+        except ssl.SSLError as err:
+            raise SecurityConfigError(
+                f"a TLS file is not a valid PEM certificate or key ({err.reason or err}); check `--tls-ca`, "
+                "`--tls-cert` and `--tls-key`"
+            ) from err
+        return context
+
+    def token_bytes(self) -> bytes:
+        """The bearer token as sent on the data plane (empty when none is set)."""
+        return self._token_value.encode("utf-8") if self._token_value else b""
+
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata sent with every call: the bearer token if one is set."""
         return ((AUTH_METADATA_KEY, _BEARER + self._token_value),) if self._token_value else ()
@@ -234,6 +274,13 @@ class HSSEEClientConfig:
                     "(`--tls-ca`) for servers on other machines",
                     ", ".join(exposed),
                 )
+
+
+def token_accepted(token: bytes, accepted: Sequence[bytes]) -> bool:
+    """Whether `token` is one of `accepted`, compared in constant time (gRPC metadata and data-plane HELLO alike)."""
+    # No early exit: every accepted token is compared, so timing does not tell which one was close.
+    matches = [hmac.compare_digest(token, candidate) for candidate in accepted]
+    return any(matches)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
@@ -260,10 +307,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         value = presented[0].encode("utf-8") if isinstance(presented[0], str) else presented[0]
         if not value.startswith(_BEARER.encode()):
             return False
-        token = value[len(_BEARER) :]
-        # No early exit: every accepted token is compared, so timing does not tell which one was close.
-        matches = [hmac.compare_digest(token, accepted) for accepted in self._tokens]
-        return any(matches)
+        return token_accepted(value[len(_BEARER) :], self._tokens)
 
     def intercept_service(
         self,
@@ -320,6 +364,7 @@ class HSSEEServerSecurity:
     token_file: str | os.PathLike | None = None
     tokens: Sequence[str] = ()
     _accepted: tuple[str, ...] = field(default=(), init=False, compare=False)
+    _accepted_bytes: tuple[bytes, ...] = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -334,6 +379,7 @@ class HSSEEServerSecurity:
         if self.token_file is not None:
             accepted += read_tokens(self.token_file)
         self._accepted = accepted
+        self._accepted_bytes = tuple(t.encode("utf-8") for t in accepted)
         if self.tls_key is not None:
             _warn_if_readable_by_others(self.tls_key, "TLS key")
 
@@ -367,6 +413,36 @@ class HSSEEServerSecurity:
         return grpc.ssl_server_credentials(
             [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The standard library TLS context of the data plane, from the same files as `server_credentials`
+        (client certificates signed by `tls_client_ca` required when it is set), or `None` for plaintext.
+
+        Raises:
+            `SecurityConfigError`: a PEM file cannot be read or is not a certificate or key.
+        """
+        if not self.uses_tls:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        _read_file(self.tls_key, "TLS key", "--tls-key")
+        _read_file(self.tls_cert, "certificate", "--tls-cert")
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+            if self.tls_client_ca is not None:
+                pem = _read_file(self.tls_client_ca, "client CA", "--tls-client-ca").decode("ascii", errors="replace")
+                context.load_verify_locations(cadata=pem)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except ssl.SSLError as err:
+            raise SecurityConfigError(
+                f"a TLS file is not a valid PEM certificate or key ({err.reason or err}); check `--tls-cert`, "
+                "`--tls-key` and `--tls-client-ca`"
+            ) from err
+        return context
+
+    def accepts(self, token: bytes) -> bool:
+        """Whether a bearer token is accepted: always when none is required, else compared in constant time."""
+        return not self._accepted or token_accepted(token, self._accepted_bytes)
 
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         """Server interceptors enforcing the tokens (none when no token is required)."""

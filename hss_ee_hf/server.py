@@ -1,10 +1,11 @@
-"""The share server: a [`StageEngine`] behind gRPC (DESIGN.md §7).
+"""The share server: a [`StageEngine`] behind gRPC and its binary data plane (DESIGN.md §7, §8).
 
 One process is one party (A or B). It serves the `ShareServer` service of [`hss_ee_hf.servicer`]
 (`Stage`, `StageStream`, `Describe`), exposes the standard gRPC health service, and keeps no state
 between requests. This module binds it to a port with message limits sized to the largest stage,
 TLS, mutual TLS and bearer tokens from an [`HSSEEServerSecurity`], and a graceful shutdown on
-SIGINT/SIGTERM.
+SIGINT/SIGTERM. Next to it, on a second port that `Describe` advertises, the data plane
+([`hss_ee_hf.socket_server`]) answers the same stage calls as binary frames with the same security.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
 from .errors import HSSEEError
 from .security import HSSEEServerSecurity
 from .servicer import SERVICE_NAME, ShareServicer, _share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
+from .socket_server import DEFAULT_MAX_CONNECTIONS, DataPlaneServer
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,39 @@ def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+class ShareServerHandle:
+    """A running share server: its gRPC server and its data plane, stopped together.
+
+    Everything else (`wait_for_termination`, ...) is the `grpc.Server`'s.
+
+    Attributes:
+        data_port (`int`): the data plane's port, 0 when it has none.
+    """
+
+    def __init__(self, grpc_server: grpc.Server, data_plane: DataPlaneServer | None):
+        self.grpc_server, self.data_plane = grpc_server, data_plane
+        self.data_port = data_plane.port if data_plane is not None else 0
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stops both planes; requests in flight get `grace` seconds. Returns an event set once both have stopped."""
+        stopped = [self.grpc_server.stop(grace)]
+        if self.data_plane is None:
+            return stopped[0]
+        stopped.append(self.data_plane.stop(grace))
+        done = threading.Event()
+
+        def wait_both() -> None:
+            for event in stopped:
+                event.wait()
+            done.set()
+
+        threading.Thread(target=wait_both, name="hss-ee-stop", daemon=True).start()
+        return done
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grpc_server, name)
+
+
 def _start(
     engine: StageEngine,
     host: str,
@@ -85,10 +120,44 @@ def _start(
     max_workers: int,
     security: HSSEEServerSecurity | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-) -> tuple[grpc.Server, int, health.HealthServicer]:
+    data_port: int | None = 0,
+) -> tuple[ShareServerHandle, int, health.HealthServicer]:
     limit = message_limit(engine)
     # Read the PEM files before binding, so a bad path fails without a half-started server.
     credentials = security.server_credentials() if security is not None else None
+    data_plane = None
+    if data_port is not None:
+        try:
+            data_plane = DataPlaneServer(engine, host, data_port, security, max_connections=DEFAULT_MAX_CONNECTIONS)
+        except OSError as err:
+            raise ShareServerError(
+                f"cannot listen for the data plane on {_address(host, data_port)}: {err.strerror or err}; choose "
+                "another port (`--data-port`, 0 picks a free one) or turn it off (`--no-data-plane`)"
+            ) from err
+    try:
+        server, bound, health_servicer = _start_grpc(
+            engine, host, port, max_workers, limit, credentials, security, interceptors, data_plane
+        )
+    except BaseException:
+        if data_plane is not None:
+            data_plane.stop(0)
+        raise
+    if data_plane is not None:
+        data_plane.start()
+    return ShareServerHandle(server, data_plane), bound, health_servicer
+
+
+def _start_grpc(
+    engine: StageEngine,
+    host: str,
+    port: int,
+    max_workers: int,
+    limit: int,
+    credentials: grpc.ServerCredentials | None,
+    security: HSSEEServerSecurity | None,
+    interceptors: Sequence[grpc.ServerInterceptor],
+    data_plane: DataPlaneServer | None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     chain = list(security.interceptors() if security is not None else []) + list(interceptors)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hss-ee-serve"),
@@ -101,7 +170,11 @@ def _start(
         ],
     )
     # A quarter of the workers (at least two) always stay free for unary calls and health checks.
-    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)))
+    servicer = ShareServicer(
+        engine,
+        max_streams=max(0, max_workers - max(2, max_workers // 4)),
+        data_port=data_plane.port if data_plane is not None else 0,
+    )
     server.add_generic_rpc_handlers((_share_server_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -142,8 +215,9 @@ def start_server(
     max_workers: int = DEFAULT_MAX_WORKERS,
     security: HSSEEServerSecurity | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-) -> tuple[grpc.Server, int]:
-    """Starts a share server for `engine` in background threads and returns at once.
+    data_port: int | None = 0,
+) -> tuple[ShareServerHandle, int]:
+    """Starts a share server for `engine` (gRPC and its data plane) in background threads and returns at once.
 
     The engine's `max_rows` must let its widest stage fit in one gRPC message (`fit_max_rows` lowers it).
 
@@ -159,10 +233,13 @@ def start_server(
             at least two, are kept for unary calls.
         security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens; plaintext without.
         interceptors (`Sequence[grpc.ServerInterceptor]`, *optional*): extra interceptors (metrics, tests),
-            run after the token check.
+            run after the token check (gRPC only).
+        data_port (`int`, *optional*, defaults to 0): TCP port of the data plane (binary frames for stage calls, same
+            security; advertised in `Describe`), 0 for a free one, `None` for no data plane.
 
     Returns:
-        `(server, port)`: the running `grpc.Server` (stop it with `server.stop(grace)`) and the port it bound.
+        `(server, port)`: the running [`ShareServerHandle`] (stop it with `server.stop(grace)`; `server.data_port`
+        is the data plane's port) and the gRPC port it bound.
 
     Raises:
         `ShareServerError`: the port cannot be bound, or the largest payload does not fit in a gRPC message.
@@ -176,7 +253,7 @@ def start_server(
     >>> server.stop(grace=1.0).wait()
     ```
     """
-    server, bound, _ = _start(engine, host, port, max_workers, security, interceptors)
+    server, bound, _ = _start(engine, host, port, max_workers, security, interceptors, data_port)
     return server, bound
 
 
@@ -193,6 +270,8 @@ def serve(
     security: HSSEEServerSecurity | None = None,
     batch_window_ms: float = 0.0,
     kernel: str | None = None,
+    data_port: int | None = None,
+    data_plane: bool = True,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -219,6 +298,10 @@ def serve(
         batch_window_ms (`float`, *optional*, defaults to 0): batch concurrent sessions' requests for the same
             stage that arrive within this many milliseconds into one product (0 turns batching off).
         kernel (`str`, *optional*): CPU ring kernel, `"auto"`, `"native"` or `"float64"` (see [`StageEngine`]).
+        data_port (`int`, *optional*): TCP port of the data plane, on the same host; defaults to `port + 1` (a free
+            one when `port` is 0). Clients learn it from `Describe`, so a firewall must let both ports through.
+        data_plane (`bool`, *optional*, defaults to `True`): serve stage calls as binary frames on `data_port` too
+            (clients then skip gRPC for them); `False` leaves gRPC alone.
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -242,7 +325,11 @@ def serve(
     )
     if max_rows is None:
         fit_max_rows(engine)
-    server, bound, health_servicer = _start(engine, host, port, max_workers, security)
+    if data_port is None:
+        data_port = port + 1 if port else 0
+    server, bound, health_servicer = _start(
+        engine, host, port, max_workers, security, data_port=data_port if data_plane else None
+    )
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
@@ -258,13 +345,14 @@ def serve(
         logger.warning("serve() runs outside the main thread: it cannot catch signals and serves until killed")
     try:
         logger.info(
-            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s (%s)",
+            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s (%s), data plane %s",
             short(engine.fingerprint),
             len(engine.describe()),
             engine.max_rows,
             PROTOCOL_VERSION,
             _address(host, bound),
             security if security is not None else "plaintext, no token",
+            f"on port {server.data_port}" if server.data_port else "off",
         )
         if ready_callback is not None:
             ready_callback(bound)

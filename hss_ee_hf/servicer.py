@@ -66,6 +66,8 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
 
     Args:
         engine (`StageEngine`): the loaded EE checkpoint this server computes with.
+        max_streams (`int`, *optional*, defaults to 24): stage streams open at once.
+        data_port (`int`, *optional*, defaults to 0): the data-plane port `Describe` advertises (0: none).
 
     Example:
 
@@ -75,8 +77,9 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
     ```
     """
 
-    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_STREAMS):
+    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_STREAMS, data_port: int = 0):
         self.engine = engine
+        self.data_port = data_port
         # An open stream holds a worker thread for its lifetime; the rest stay free for unary calls.
         self.max_streams = max_streams
         self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams > 0 else None
@@ -128,7 +131,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             self._stream_slots.release()
 
     def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
-        """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
+        """Reports the checkpoint's fingerprint, the protocol version, every stage, `max_rows` and the data port."""
         if isinstance(request, _Undecodable):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         stages = [
@@ -140,6 +143,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             protocol_version=PROTOCOL_VERSION,
             stages=stages,
             max_rows=self.engine.max_rows,
+            data_port=self.data_port,
         )
 
 
