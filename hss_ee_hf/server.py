@@ -26,7 +26,7 @@ from .engine import DEFAULT_MAX_ROWS, PROTOCOL_VERSION, StageEngine
 from .errors import HSSEEError
 from .security import HSSEEServerSecurity
 from .servicer import SERVICE_NAME, ShareServicer, _share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
-from .socket_server import DEFAULT_MAX_CONNECTIONS, DataPlaneServer
+from .socket_server import DataPlaneServer
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def _start(
     data_plane = None
     if data_port is not None:
         try:
-            data_plane = DataPlaneServer(engine, host, data_port, security, max_connections=DEFAULT_MAX_CONNECTIONS)
+            # a data-plane connection is a thread blocked in recv, cheaper than a gRPC worker: twice as many
+            data_plane = DataPlaneServer(engine, host, data_port, security, max_connections=2 * max_workers)
         except OSError as err:
             raise ShareServerError(
                 f"cannot listen for the data plane on {_address(host, data_port)}: {err.strerror or err}; choose "
@@ -230,7 +231,8 @@ def start_server(
         port (`int`, *optional*, defaults to 50051): TCP port; `0` picks a free one.
         max_workers (`int`, *optional*, defaults to 32): threads answering requests concurrently. An open stage
             stream holds one for its lifetime (a client session holds one or two per server); a quarter of them,
-            at least two, are kept for unary calls.
+            at least two, are kept for unary calls. The data plane serves twice as many connections (one per client
+            session and calling thread); clients beyond them use gRPC.
         security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens; plaintext without.
         interceptors (`Sequence[grpc.ServerInterceptor]`, *optional*): extra interceptors (metrics, tests),
             run after the token check (gRPC only).
@@ -287,7 +289,8 @@ def serve(
             widest stage (often `lm_head`) would not fit in one gRPC message; clients read it with `Describe`.
         max_workers (`int`, *optional*, defaults to 32): threads answering requests concurrently. An open stage
             stream holds one for its lifetime (a client session holds one or two per server); a quarter of them,
-            at least two, are kept for unary calls.
+            at least two, are kept for unary calls. The data plane serves twice as many connections (one per client
+            session and calling thread); clients beyond them use gRPC.
         ready_callback (`Callable[[int], None]`, *optional*): called with the bound port once the server accepts
             requests.
         grace (`float`, *optional*, defaults to 5.0): seconds requests in flight get to finish on shutdown.

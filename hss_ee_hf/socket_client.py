@@ -30,7 +30,6 @@ import socket
 import ssl
 import threading
 import time
-import weakref
 
 import torch
 
@@ -100,6 +99,7 @@ class _Connection:
 
     def __init__(self, endpoint: str, host: str, port: int, transport: DataPlaneTransport, fingerprint: str):
         self.endpoint, self.closed = endpoint, False
+        self.owner = threading.current_thread()
         self.lock = threading.Lock()
         self.next_id = 1
         self.waiting: dict[int, tuple[int, int]] = {}  # request id -> (rows, out_features)
@@ -275,7 +275,7 @@ class DataPlaneTransport(Transport):
         self._warned: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._connections: set[_Connection] = set()  # every open connection, for close()
         self._stage_bytes: dict[str, bytes] = {}
         self._closed = False
 
@@ -360,10 +360,12 @@ class DataPlaneTransport(Transport):
             return conn.send(name, rows, shares.seed, None, out_features, self.timeout)
         return conn.send(name, rows, None, shares.b.contiguous(), out_features, self.timeout)
 
-    def _call(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
-        """One call with the gRPC path's retry rules (see the module docstring)."""
+    def _call(
+        self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int, attempt: int = 0
+    ) -> torch.Tensor:
+        """One call with the gRPC path's retry rules (see the module docstring); `attempt` retries were made."""
         endpoint = self.endpoints[party]
-        attempt, fresh = 0, False
+        fresh = False
         while True:
             try:
                 conn = self._connection(party, fingerprint)
@@ -412,12 +414,18 @@ class DataPlaneTransport(Transport):
             self._discard(conn)
             late = f"DEADLINE_EXCEEDED: no reply within {self.timeout:g} s"
             raise TransportError(endpoint, f"{late}; {_ADVICE['DEADLINE_EXCEEDED']}") from err
-        if isinstance(err, _Refused) and err.code != "UNAVAILABLE":
-            raise TransportError(endpoint, f"{err}; {_ADVICE.get(err.code, 'check the server log')}") from None
-        if isinstance(err, (OSError, _Broken)):
-            self._discard(conn)
-        elif not isinstance(err, _Refused):
+        if isinstance(err, _Refused):
+            if err.code != "UNAVAILABLE":
+                raise TransportError(endpoint, f"{err}; {_ADVICE.get(err.code, 'check the server log')}") from None
+            if self.config.retries == 0:
+                advice = _unavailable_advice(endpoint, self.config, "")
+                raise TransportError(endpoint, f"UNAVAILABLE: {err.details}; {advice}") from None
+            self._retried += 1
+            time.sleep(self.control._backoff(0))
+            return self._call(party, fingerprint, stage, shares, out_features, attempt=1)
+        if not isinstance(err, (OSError, _Broken)):
             raise err
+        self._discard(conn)  # the next attempt opens a fresh connection at once
         return self._call(party, fingerprint, stage, shares, out_features)
 
     # --- connections ------------------------------------------------------------------------------------------
@@ -444,7 +452,11 @@ class DataPlaneTransport(Transport):
             raise _Unreachable("it advertises no data plane", hold=float("inf"))
         conn = _Connection(self.endpoints[party], self._hosts[party], port, self, fingerprint)
         conns[party, fingerprint] = conn
-        self._connections.add(conn)
+        with self._lock:
+            for old in [c for c in self._connections if not c.owner.is_alive()]:  # left by finished threads
+                old.close()
+                self._connections.discard(old)
+            self._connections.add(conn)
         return conn
 
     def _port(self, party: int) -> int:
@@ -481,6 +493,8 @@ class DataPlaneTransport(Transport):
 
     def _discard(self, conn: _Connection) -> None:
         conn.close()
+        with self._lock:
+            self._connections.discard(conn)
         conns = self._local.__dict__.get("conns", {})
         for key, value in list(conns.items()):
             if value is conn:
@@ -489,7 +503,9 @@ class DataPlaneTransport(Transport):
     def close(self) -> None:
         """Closes every data-plane connection and the gRPC transport."""
         self._closed = True
-        for conn in list(self._connections):
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for conn in connections:
             conn.close()
         self.control.close()
 

@@ -134,7 +134,7 @@ class DataPlaneServer:
 
         def finish() -> None:
             for sock, thread in connections.items():
-                thread.join(grace)
+                thread.join(grace or 0)
                 if thread.is_alive():
                     _close(sock)
             for thread in connections.values():
