@@ -6,9 +6,14 @@ Usage:
     python bench/decode.py --model gpt2-small --tokens 32 --prefill 128
 
 Plaintext is transformers' `generate()` of the original model; secure is `generate()` of
-`HSSEEForCausalLM` through two `hss-ee serve` processes on loopback (gRPC). Both run greedy on the same
+`HSSEEForCausalLM` through two `hss-ee serve` processes on loopback, with default settings unless flags say
+otherwise (stage calls on the servers' data planes, gRPC for the rest). Both run greedy on the same
 prompt with `min_new_tokens == max_new_tokens`, so they produce the same number of tokens. Decode
 ms/token is `(t(N + 1 tokens) - t(1 token)) / N`, which removes prefill from the figure.
+
+`overhead_us_per_stage` is what a stage call costs beyond party B's ring product: the client's time inside stage
+calls (encoding, sharing, both network hops, the server's parsing and validation, reconstruction and decoding)
+minus one server's products, per round trip.
 """
 
 from __future__ import annotations
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-stream", action="store_true", help="unary gRPC calls instead of long-lived streams")
     p.add_argument(
+        "--no-data-plane", action="store_true", help="stage calls over gRPC instead of the servers' data planes"
+    )
+    p.add_argument(
         "--no-precompute",
         action="store_true",
         help="send every stage to both servers at once instead of preparing party A's products ahead of time",
@@ -113,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             key=key,
             endpoints=endpoints,
             precompute=not args.no_precompute,
-            client_config=HSSEEClientConfig(stream=not args.no_stream),
+            client_config=HSSEEClientConfig(stream=not args.no_stream, data_plane=not args.no_data_plane),
         ) as model:
+            transport = type(model.hss_ee_client.transport).__name__
             model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
             model.hss_ee_stats.reset()
             _, t1 = timed(
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "precompute": not args.no_precompute,
             "kernel": args.kernel,
             "stream": not args.no_stream,
+            "transport": transport,
             "client_threads": args.client_threads,
             "server_threads": args.server_threads,
             "precomputed_per_token": per_tok["precomputed"],
@@ -174,8 +184,24 @@ def main(argv: list[str] | None = None) -> int:
             "mb_per_token_total": (per_tok["bytes_sent"] + per_tok["bytes_received"]) / 1e6,
         }
     )
+    if args.server_threads:
+        torch.set_num_threads(args.server_threads)  # time the products as a server computes them
     compute = server_compute_ms(StageEngine(ee, kernel=args.kernel))
     wait_ms = 1000.0 * per_tok["wait_seconds"]
+    in_calls_ms = 1000.0 * per_tok["seconds"]
+    emit(
+        {
+            "bench": "overhead",
+            "model": args.model,
+            "round_trips_per_token": per_tok["round_trips"],
+            "server_compute_ms_per_token": compute,
+            "in_stage_calls_ms_per_token": in_calls_ms,
+            "overhead_us_per_stage": 1000.0 * (in_calls_ms - compute) / per_tok["round_trips"],
+            "secure_ms_per_token": secure_ms,
+            "plaintext_ms_per_token": plain_ms,
+            "ratio": secure_ms / plain_ms,
+        }
+    )
     parts = {
         "server compute (one server)": min(compute, wait_ms),
         "network + (de)serialisation + queueing": max(wait_ms - compute, 0.0),

@@ -133,15 +133,25 @@ def status_name(index: int) -> str:
     return STATUS_NAMES[index] if 0 <= index < len(STATUS_NAMES) else "UNKNOWN"
 
 
-def stage_header(buf: bytearray, request_id: int, stage: bytes, rows: int, seed: bool, payload_bytes: int) -> int:
-    """Writes a STAGE header and padded stage name at the start of `buf`; returns the payload's offset."""
-    offset = HEADER_BYTES + padded(len(stage))
-    HEADER.pack_into(
-        buf, 0, offset - HEADER_BYTES + payload_bytes, STAGE, INPUT_SEED if seed else INPUT_SHARE, len(stage),
-        request_id, rows,
-    )  # fmt: skip
-    buf[HEADER_BYTES : HEADER_BYTES + len(stage)] = stage
-    buf[HEADER_BYTES + len(stage) : offset] = bytes(offset - HEADER_BYTES - len(stage))
+def padded_name(stage: str) -> bytes:
+    """A stage name as a STAGE frame carries it: UTF-8, zero-padded to a multiple of 8 bytes."""
+    name = stage.encode("utf-8")
+    return name + bytes(padded(len(name)) - len(name))
+
+
+def stage_header(
+    buf: bytearray, request_id: int, stage: bytes, rows: int, seed: bool, payload_bytes: int, name_len: int = -1
+) -> int:
+    """Writes a STAGE header and the stage name at the start of `buf`; returns the payload's offset.
+
+    `stage` is the UTF-8 name, or (with `name_len`, its unpadded length) the name already padded by [`padded_name`].
+    """
+    if name_len < 0:
+        name_len, stage = len(stage), stage + bytes(padded(len(stage)) - len(stage))
+    offset = HEADER_BYTES + len(stage)
+    flag = INPUT_SEED if seed else INPUT_SHARE
+    HEADER.pack_into(buf, 0, len(stage) + payload_bytes, STAGE, flag, name_len, request_id, rows)
+    buf[HEADER_BYTES:offset] = stage
     return offset
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from .hub import resolve_client_files, resolve_server_files
 from .key import EEKey
 from .protocol import StageClient
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
-from .security import HSSEEClientConfig
+from .security import HSSEEClientConfig, _is_loopback
 from .stages import stage_layout
 from .transport import Transport
 
@@ -73,6 +74,10 @@ class HSSEEPreTrainedModel:
     hss_ee_client: StageClient
     hss_ee_key: EEKey
     hss_ee_info: HSSEECheckpointInfo
+    hss_ee_client_threads: int | None = None
+    """torch threads `generate()` runs at (restored after); `None` leaves torch's setting. `from_pretrained` sets 1
+    when both share servers are on this machine (loopback): the client's own tensors are small, and an idle torch
+    thread pool spins on the cores the servers need."""
 
     @classmethod
     def from_pretrained(
@@ -213,6 +218,13 @@ class HSSEEPreTrainedModel:
         if left:
             raise CheckpointError(f"the client shard lacks {left[:5]}; the EE checkpoint is incomplete")
         self.hss_ee_client, self.hss_ee_key, self.hss_ee_info = stage_client, ee_key, info
+        if all(_is_loopback(e) for e in transport.endpoints):
+            self.hss_ee_client_threads = 1
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`, at `hss_ee_client_threads` torch threads when that is set."""
+        with _torch_threads(self.hss_ee_client_threads):
+            return super().generate(*args, **kwargs)
 
     @property
     def hss_ee_stats(self):
@@ -235,6 +247,19 @@ class HSSEEPreTrainedModel:
             "a client model holds only the client side of an EE checkpoint; share the EE checkpoint folder "
             "itself (or `hss-ee push` it) and keep the key to yourself"
         )
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    before = torch.get_num_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _linear_dims(module: torch.nn.Module, kind: str) -> tuple[int, int]:

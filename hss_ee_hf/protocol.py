@@ -133,7 +133,9 @@ class StageClient:
         in_features = codec.in_features
         if x.shape[-1] != in_features:
             raise ValueError(f"stage {stage} takes {in_features} features, got shape {tuple(x.shape)}")
-        rows = x.detach().reshape(-1, in_features)
+        rows = x.reshape(-1, in_features)
+        if rows.requires_grad:
+            rows = rows.detach()
         if rows.shape[0] <= self.max_rows:
             y = self._run_rows(stage, rows, codec, x.dtype)
         else:
@@ -143,7 +145,9 @@ class StageClient:
                     for i in range(0, len(rows), self.max_rows)
                 ]
             )
-        return y.to(device=x.device).reshape(*x.shape[:-1], codec.out_features)
+        if not x.is_cpu:
+            y = y.to(device=x.device)
+        return y.view(*x.shape[:-1], codec.out_features)
 
     def _codec(self, stage: str) -> StageCodec:
         scale = self.scales.get(stage)

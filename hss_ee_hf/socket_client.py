@@ -45,7 +45,7 @@ from .frames import (
     SLOTS_FULL_DETAILS,
     FrameReader,
     hello_frame,
-    padded,
+    padded_name,
     stage_header,
     status_name,
 )
@@ -147,16 +147,19 @@ class _Connection:
             self.close()
             raise
 
-    def send(self, stage: bytes, rows: int, seed: bytes | None, share: torch.Tensor | None, out: int, timeout: float):
-        """Writes one STAGE frame; returns its request id. The caller holds `self.lock`."""
+    def send(self, stage: tuple[bytes, int], rows: int, seed: bytes | None, share, out: int, timeout: float) -> int:
+        """Writes one STAGE frame; returns its request id. The caller holds `self.lock`.
+
+        `stage` is `(padded name, name length)`; party B's `share` is a contiguous int64 tensor.
+        """
         request_id = self.next_id
         self.next_id = request_id + 1 if request_id < 0xFFFFFFFF else 1
-        payload = memoryview(seed) if seed is not None else memoryview(share.numpy()).cast("B")
-        need = HEADER_BYTES + padded(len(stage)) + len(payload)
+        payload = seed if seed is not None else memoryview(share.numpy()).cast("B")
+        need = HEADER_BYTES + len(stage[0]) + len(payload)
         if len(self.out) < need:
             self.out = bytearray(max(need, 2 * len(self.out)))
             self.out_view = memoryview(self.out)
-        offset = stage_header(self.out, request_id, stage, rows, seed is not None, len(payload))
+        offset = stage_header(self.out, request_id, stage[0], rows, seed is not None, len(payload), stage[1])
         self.out_view[offset:need] = payload
         self.sock.settimeout(timeout)
         self.sock.sendall(self.out_view[:need])
@@ -276,7 +279,7 @@ class DataPlaneTransport(Transport):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._connections: set[_Connection] = set()  # every open connection, for close()
-        self._stage_bytes: dict[str, bytes] = {}
+        self._stage_names: dict[str, tuple[bytes, int]] = {}  # stage -> (padded UTF-8 name, its length)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -352,9 +355,9 @@ class DataPlaneTransport(Transport):
         return y_a, pending[1].result()
 
     def _send(self, conn: _Connection, party: int, stage: str, shares: Shares, out_features: int) -> int:
-        name = self._stage_bytes.get(stage)
+        name = self._stage_names.get(stage)
         if name is None:
-            name = self._stage_bytes[stage] = stage.encode("utf-8")
+            name = self._stage_names[stage] = (padded_name(stage), len(stage.encode("utf-8")))
         rows = shares.a.shape[0]
         if party == 0:
             return conn.send(name, rows, shares.seed, None, out_features, self.timeout)

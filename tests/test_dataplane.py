@@ -631,3 +631,41 @@ def test_stop_lets_a_call_in_flight_finish(tiny):
         servers.stop()
     assert torch.equal(got["y"], _product(engine, shares.b))
     assert transport.data_plane_calls == 1  # answered on the data plane before it closed
+
+
+# --- the client's lean codec --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("in_features", [64, 576, 1536])
+def test_stage_codec_is_encode_and_decode_output_bit_for_bit(dtype: torch.dtype, in_features: int):
+    from hss_ee_hf.errors import RingOverflowError
+    from hss_ee_hf.ring import RingConfig, StageCodec, decode_output, encode
+
+    config = RingConfig()
+    gen = torch.Generator().manual_seed(in_features)
+    scale = torch.rand(96, dtype=torch.float64, generator=gen) / 1000
+    codec = StageCodec(config, in_features, scale)
+    limit = config.activation_limit(in_features)
+    x = torch.randn(5, in_features, generator=gen, dtype=torch.float64) * 30
+    x[0, :8] = torch.tensor([0.5, -0.5, 1.5, -2.5, 3.5, -0.0, 0.0, 7.5]) / 2**16  # ties round half to even
+    x = x.to(dtype)
+    below = torch.nextafter(torch.tensor(limit, dtype=dtype), torch.tensor(0.0, dtype=dtype))  # in x's precision
+    x[1, :2] = torch.stack([below, -below])
+    assert torch.equal(codec.encode(x), encode(x, config, in_features))
+    for bad in (limit, -limit, float("nan"), float("inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        with pytest.raises(RingOverflowError, match="fixed-point range"):
+            codec.encode(y)
+    out_limit = config.output_limit(in_features)
+    y_int = torch.randint(-out_limit, out_limit + 1, (4, 96), generator=gen, dtype=torch.int64)
+    y_int[0, :2] = torch.tensor([out_limit, -out_limit])
+    a = torch.randint(-(2**63), 2**63 - 1, (4, 96), generator=gen, dtype=torch.int64)
+    expected = decode_output(y_int, scale, in_features, config).to(dtype)
+    assert torch.equal(codec.decode(a, y_int - a, dtype), expected)
+    for bad in (out_limit + 1, -out_limit - 1, -(2**63)):
+        y = y_int.clone()
+        y[1, 1] = bad
+        with pytest.raises(RingOverflowError):
+            codec.decode(a, y - a, dtype)
