@@ -116,7 +116,7 @@ class ServeCommand(Command):
             type=int,
             default=32,
             help="gRPC worker threads (default 32). Each client session's open stage stream holds one; a quarter "
-            "(at least two) stay free for unary calls",
+            "(at least two) stay free for unary calls. The data plane takes twice as many connections",
         )
         p.add_argument(
             "--threads",
