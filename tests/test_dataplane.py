@@ -335,10 +335,8 @@ def test_connections_beyond_the_slots_are_told_so_and_the_client_uses_grpc(tiny)
 # --- TLS and mutual TLS -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A test CA, a server certificate for 127.0.0.1, a client certificate, and one from another CA."""
-    d = tmp_path_factory.mktemp("dataplane-pki")
+def make_pki(d: Path) -> Pki:
+    """A test CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and one from another CA."""
     ca, ca_key = _ca("hss-ee data-plane test CA")
     server, server_key = _leaf("share-server", ca, ca_key, server=True)
     client, client_key = _leaf("client", ca, ca_key, server=False)
@@ -353,6 +351,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         rogue_cert=_write_cert(rogue, d / "rogue.pem"),
         rogue_key=_write_key(rogue_key, d / "rogue.key"),
     )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("dataplane-pki"))
 
 
 @pytest.fixture(scope="module")

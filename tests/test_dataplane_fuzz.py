@@ -1,4 +1,5 @@
-"""Fuzzing the data plane: ten thousand malformed, random and valid frames to one in-process server.
+"""Fuzzing the data plane: ten thousand malformed, random and valid frames to one in-process server (and two
+thousand more through TLS).
 
 Frames that keep the stream delimited (a bad kind, stage, row count, flag, seed or payload length) are sent in
 batches on long-lived connections and must each get the ERROR status their defect calls for, with their request id,
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl
 import struct
+import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +46,15 @@ from hss_ee_hf.server import start_server
 from hss_ee_hf.sharing import share
 from hss_ee_hf.socket_client import DataPlaneTransport
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dataplane import make_pki  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 FINGERPRINT = "ab" * 32
 TOKEN = "fuzz-token-0123456789"
 MAX_ROWS = 16
-N_FRAMES = 10_000
+N_FRAMES = {"plaintext": 10_000, "tls": 2_000}
 BATCH = 64
 RSS_GROWTH_LIMIT_MB = 64
 REFUSALS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
@@ -216,8 +221,15 @@ def _only(letter: str) -> frozenset[str]:
     return frozenset({"INVALID_ARGUMENT" if letter == "I" else "FAILED_PRECONDITION"})
 
 
-def _connect(port: int, fingerprint: str = FINGERPRINT, version: int = PROTOCOL_VERSION):
+def _socket(port: int, context: ssl.SSLContext | None) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
+    return sock if context is None else context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def _connect(
+    port: int, context: ssl.SSLContext | None, fingerprint: str = FINGERPRINT, version: int = PROTOCOL_VERSION
+):
+    sock = _socket(port, context)
     sock.sendall(hello_frame(version, TOKEN.encode(), fingerprint.encode()))
     reader = FrameReader(sock)
     length, kind, *_ = HEADER.unpack(reader.read(HEADER_BYTES))
@@ -232,9 +244,9 @@ def _outcome(reader: FrameReader) -> tuple[str, int, bytes]:
     return ("REPLY" if kind == REPLY else status_name(flag) if kind == ERROR else f"kind {kind}"), request_id, body
 
 
-def _fresh(port: int, case: Case) -> set[str]:
+def _fresh(port: int, context: ssl.SSLContext | None, case: Case) -> set[str]:
     """Sends a case on a connection of its own, half-closes, and collects every answer up to the server's close."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
+    sock = _socket(port, context)
     seen = set()
     try:
         reader = FrameReader(sock)
@@ -243,46 +255,55 @@ def _fresh(port: int, case: Case) -> set[str]:
             assert _outcome(reader)[0] == "kind 2"  # HELLO_OK
         try:
             sock.sendall(case.hello if case.hello is not None else case.data)
-            sock.shutdown(socket.SHUT_WR)  # the server reads to the end of what was sent, then sees EOF
+            # the server reads to the end of what was sent, then sees EOF (a TCP half-close under TLS too)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
             while True:
                 seen.add(_outcome(reader)[0])
-        except (ConnectionError, struct.error):
+        except (ConnectionError, ssl.SSLError, struct.error):
             seen.add("CLOSED")
     finally:
         sock.close()
     return seen
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tiny_ee_checkpoint: Path) -> Iterator[tuple[StageEngine, object, int]]:
+@pytest.fixture(scope="module", params=["plaintext", "tls"])
+def fuzz_server(tiny_ee_checkpoint: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """`(plane, engine, server, gRPC port, client TLS context or None, client config)`."""
     engine = StageEngine(tiny_ee_checkpoint, max_rows=MAX_ROWS)
-    server, port = start_server(engine, "127.0.0.1", 0, max_workers=4, security=HSSEEServerSecurity(tokens=[TOKEN]))
-    yield engine, server, port
+    security, context, config = HSSEEServerSecurity(tokens=[TOKEN]), None, HSSEEClientConfig(token=TOKEN, timeout=5.0)
+    if request.param == "tls":
+        pki = make_pki(tmp_path_factory.mktemp("fuzz-pki"))
+        security = HSSEEServerSecurity(tls_cert=pki.server_cert, tls_key=pki.server_key, tokens=[TOKEN])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=str(pki.ca))
+        config = HSSEEClientConfig(tls_ca_cert=pki.ca, token=TOKEN, timeout=5.0)
+    server, port = start_server(engine, "127.0.0.1", 0, max_workers=4, security=security)
+    yield request.param, engine, server, port, context, config
     server.stop(grace=None)
 
 
 def test_ten_thousand_fuzzed_frames_get_the_right_answer(fuzz_server, caplog: pytest.LogCaptureFixture):
-    engine, server, grpc_port = fuzz_server
+    plane, engine, server, grpc_port, context, config = fuzz_server
     port = server.data_port
     fuzzer = Fuzzer(engine, seed=20_250_102)
     conns = {
-        "good": _connect(port),
-        "wrong_fingerprint": _connect(port, fingerprint="cd" * 32),
-        "old_version": _connect(port, version=PROTOCOL_VERSION + 1),
+        "good": _connect(port, context),
+        "wrong_fingerprint": _connect(port, context, fingerprint="cd" * 32),
+        "old_version": _connect(port, context, version=PROTOCOL_VERSION + 1),
     }
     outcomes: Counter[str] = Counter()
     categories: Counter[str] = Counter()
     mismatches = []
     rss_start = rss_peak = None
     sent = 0
-    while sent < N_FRAMES:
-        cases = [fuzzer.draw() for _ in range(min(BATCH, N_FRAMES - sent))]
+    while sent < N_FRAMES[plane]:
+        cases = [fuzzer.draw() for _ in range(min(BATCH, N_FRAMES[plane] - sent))]
         sent += len(cases)
         in_sync: dict[str, list[Case]] = {name: [] for name in conns}
         for case in cases:
             categories[case.category] += 1
             if case.fresh:
-                seen = _fresh(port, case)
+                seen = _fresh(port, context, case)
                 outcomes.update(seen)
                 if not seen <= case.expected:
                     mismatches.append((case.category, sorted(seen), sorted(case.expected)))
@@ -306,11 +327,11 @@ def test_ten_thousand_fuzzed_frames_get_the_right_answer(fuzz_server, caplog: py
             rss_peak = max(rss_peak or 0.0, rss_mb())
     for sock, _ in conns.values():
         sock.close()
-    print(f"\nfuzzed frames: {sent}")
+    print(f"\nfuzzed frames ({plane}): {sent}")
     print(f"outcomes: {dict(outcomes.most_common())}")
     print(f"categories: {dict(categories.most_common())}")
     print(f"RSS after warm-up {rss_start:.0f} MiB, peak {rss_peak:.0f} MiB")
-    assert sent == N_FRAMES
+    assert sent == N_FRAMES[plane]
     assert not mismatches, f"{len(mismatches)} frames got an unexpected answer, e.g. {mismatches[:5]}"
     assert "INTERNAL" not in outcomes and "UNKNOWN" not in outcomes  # no crash, no unhandled error
     assert rss_peak - rss_start < RSS_GROWTH_LIMIT_MB
@@ -318,7 +339,6 @@ def test_ten_thousand_fuzzed_frames_get_the_right_answer(fuzz_server, caplog: py
 
     # The server still computes exactly after the storm, on the data plane.
     x = torch.randint(-(2**63), 2**63 - 1, (3, 32), dtype=torch.int64, generator=torch.Generator().manual_seed(9))
-    config = HSSEEClientConfig(token=TOKEN, timeout=5.0)
     endpoint = f"127.0.0.1:{grpc_port}"
     with DataPlaneTransport(GrpcTransport((endpoint, endpoint), config=config)) as transport:
         y_a, y_b = transport.run_stage(FINGERPRINT, "layers.0.qkv", share(x), out_features=64)
