@@ -8,12 +8,12 @@ Offline/online split: party A's share is a function of a fresh seed only, never 
 product `x_A @ W_int.T` can be computed before the data exists. After each stage call of `n` rows the
 client asks party A for its product under the next seed of that stage and shape. The next call of the same
 stage and shape then only has to wait for party B (`x_B = x - x_A`); party A's work overlaps the client's own
-nonlinear work. Every seed is used once. What each server receives is unchanged (A: 32-byte seeds, B:
-uniformly random shares); A's requests no longer line up with the user's tokens in time.
+nonlinear work. Every seed (every mask row) is used once. What each server receives is unchanged (A: 32-byte
+seeds, B: uniformly random shares); A's requests no longer line up with the user's tokens in time.
 
-On a `pipelined` transport (the data plane) asking is only a write: the request for the next seed goes out
-while party B computes the current call, and its reply waits on the wire until the next call reads it, with
-no thread involved. Other transports ask from one background thread.
+On a `pipelined` transport (the data plane) asking is only a write whose reply waits on the wire until a call
+reads it, with no thread involved, and one request prepares several future calls ([`PreparedProducts`]).
+Other transports ask for one call at a time from one background thread.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import torch
 
 from .checkpoint import HSSEECheckpointInfo
 from .errors import CheckpointError, TransportError
+from .prepared import PreparedProducts
 from .ring import StageCodec
 from .sharing import Shares, mask_for, share, share_with
-from .transport import PendingShare, Transport
+from .transport import Transport
 
 logger = logging.getLogger(__name__)
 PRECOMPUTE_MAX_ROWS = 16
 """Party A's products are prepared only for calls of at most this many rows (decode steps of a batch): a prompt's
 shape rarely comes back, and preparing for it would double party A's prefill work for nothing."""
 _Prepared = tuple[bytes, torch.Tensor, torch.Tensor]  # (seed, party A's share, party A's output share)
-_NO_SHARE = torch.empty(0, dtype=torch.int64)  # party B's share of a prepared call does not exist yet
 
 
 @dataclass
@@ -101,12 +101,11 @@ class StageClient:
         self.max_rows = max_rows
         self.stats = StageStats()
         self._codecs: dict[str, StageCodec] = {}
-        # (stage, rows) -> party A's product under a seed prepared ahead of time: on a pipelined transport
-        # `(seed, share, pending reply)`, else a future of one background worker (party A is one server and its
-        # requests need no parallelism).
-        self._ready: dict[tuple[str, int], Future | tuple[bytes, torch.Tensor, PendingShare]] = {}
+        # On a pipelined transport, party A's products prepared in chunks; otherwise (stage, rows) -> a future of one
+        # background worker (party A is one server and its requests need no parallelism).
         self._pipelined = precompute and transport.pipelined
-        self._precompute = precompute
+        self._prepared_a = PreparedProducts(transport, info.fingerprint, max_rows) if self._pipelined else None
+        self._ready: dict[tuple[str, int], Future] = {}
         self._pool = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute")
             if precompute and not self._pipelined
@@ -163,20 +162,12 @@ class StageClient:
         return seed, a, self.transport.run_party(0, self.info.fingerprint, stage, only_a, out_features)
 
     def _schedule(self, stage: str, rows: int, in_features: int, out_features: int) -> None:
-        if rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
+        if rows > PRECOMPUTE_MAX_ROWS:
             return
-        if self._pipelined:
-            seed, a = mask_for((rows, in_features))
-            try:
-                pending = self.transport.send_party(
-                    0, self.info.fingerprint, stage, Shares(seed=seed, a=a, b=_NO_SHARE), out_features
-                )
-            except TransportError as err:  # the next call asks both servers, and reports what is wrong
-                logger.debug("could not ask party A ahead for %s (%s)", stage, type(err).__name__)
-                return
-            self._ready[(stage, rows)] = (seed, a, pending)
+        if self._prepared_a is not None:
+            self._prepared_a.top_up(stage, rows, in_features, out_features)
             return
-        if self._pool is None:
+        if self._pool is None or (stage, rows) in self._ready:
             return
         try:
             self._ready[(stage, rows)] = self._pool.submit(self._prepare, stage, rows, in_features, out_features)
@@ -199,24 +190,18 @@ class StageClient:
 
     def wait_prepared(self) -> None:
         """Waits until every party-A product asked for ahead of time has arrived (or failed)."""
-        if not self._pipelined:
-            wait(list(self._ready.values()))
-            return
-        for key, (seed, a, pending) in list(self._ready.items()):
-            try:
-                self._ready[key] = (seed, a, PendingShare(lambda y: y, pending.result()))
-            except TransportError:
-                del self._ready[key]
+        if self._prepared_a is not None:
+            self._prepared_a.wait()
+        wait(list(self._ready.values()))
 
     def close(self) -> None:
         """Stops preparing party A's products (the transport is closed by its owner)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-        if self._pipelined:
-            for _, _, pending in self._ready.values():
-                pending.cancel()
-            self._pipelined = False
+        if self._prepared_a is not None:
+            self._prepared_a.clear()
+            self._prepared_a, self._pipelined = None, False
         self._ready.clear()
 
     def _run_rows(self, stage: str, x: torch.Tensor, codec: StageCodec, dtype: torch.dtype) -> torch.Tensor:
@@ -225,25 +210,27 @@ class StageClient:
         encoded = codec.encode(x)
         encoded_at = time.perf_counter()
         waited = 0.0
-        if self._pipelined:
-            prepared = self._ready.pop((stage, rows), None)
+        if self._prepared_a is not None:
+            prepared = self._prepared_a.take(stage, rows)
         elif self._pool is not None:
             prepared = self._prepared(stage, rows)  # may wait for party A
             waited = time.perf_counter() - encoded_at
         else:
             prepared = None
-        if prepared is not None and self._pipelined:
-            seed, a, pending_a = prepared
+        if prepared is not None and self._prepared_a is not None:
+            seed, a, chunk, index = prepared
             shares = share_with(encoded, seed, a)
             shared = time.perf_counter()
             pending_b = self.transport.send_party(1, self.info.fingerprint, stage, shares, out_features)
-            self._schedule(stage, rows, in_features, out_features)  # party A's next product, while B computes
             try:
-                y_a = pending_a.result()  # already on the wire, normally
+                y_a = self._prepared_a.collect(chunk, index, rows)  # on the wire already, normally
             except BaseException:
                 pending_b.cancel()
                 raise
             y_b = pending_b.result()
+            # Party A is asked for more only now: on a machine that also runs party B, A then computes while the
+            # client does its own work rather than while B does.
+            self._schedule(stage, rows, in_features, out_features)
             self.stats.precomputed += 1
         elif prepared is not None:
             seed, a, y_a = prepared
