@@ -15,6 +15,7 @@ gRPC), and a graceful stop. Payloads are never logged or echoed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -41,6 +42,7 @@ from .frames import (
     padded,
     parse_hello,
 )
+from .native import limit_threads
 from .security import HSSEEServerSecurity
 
 logger = logging.getLogger(__name__)
@@ -174,6 +176,8 @@ class DataPlaneServer:
         """One connection: handshake and HELLO under a deadline, then stage calls until the client leaves."""
         raw = sock
         try:
+            # a client on this machine shares its cores: one kernel thread per product, none left waiting for a core
+            limit_threads(1 if _loopback_peer(sock) else None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self._ssl is not None:
@@ -270,6 +274,15 @@ class DataPlaneServer:
                 send(error_frame(request_id, "INTERNAL", _INTERNAL_DETAILS))
                 continue
             send(HEADER.pack(len(out), REPLY, 0, 0, request_id, rows), out)
+
+
+def _loopback_peer(sock: socket.socket) -> bool:
+    try:
+        address = ipaddress.ip_address(sock.getpeername()[0])
+    except (OSError, ValueError):
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def _sender(sock: socket.socket):
