@@ -16,7 +16,10 @@ from importlib import metadata
 # (name, one-line help) of every subcommand, in `hss-ee --help` order; the same strings as the Command classes.
 COMMANDS = (
     ("convert", "Convert a Hugging Face model into an EE checkpoint and a secret key."),
-    ("serve", "Serve an EE checkpoint as one of the two share servers (gRPC)."),
+    (
+        "serve",
+        "Serve an EE checkpoint as one of the two share servers (gRPC, and stage calls on a binary data plane).",
+    ),
     (
         "generate",
         "Generate text privately through two share servers (decoder LLMs and T5 text-to-text models), streaming "

@@ -6,15 +6,25 @@ Usage:
     python bench/decode.py --model gpt2-small --tokens 32 --prefill 128
 
 Plaintext is transformers' `generate()` of the original model; secure is `generate()` of
-`HSSEEForCausalLM` through two `hss-ee serve` processes on loopback (gRPC). Both run greedy on the same
+`HSSEEForCausalLM` through two `hss-ee serve` processes on loopback, with default settings unless flags say
+otherwise (stage calls on the servers' data planes, gRPC for the rest). Both run greedy on the same
 prompt with `min_new_tokens == max_new_tokens`, so they produce the same number of tokens. Decode
 ms/token is `(t(N + 1 tokens) - t(1 token)) / N`, which removes prefill from the figure.
+
+Plaintext and secure decoding alternate `--repeats` times in one process (the machine's load then weighs on
+both alike); each round prints its ratio and the `decode` line gives the medians.
+
+`overhead_us_per_stage` is what a stage call costs beyond party B's ring product: the client's time inside stage
+calls (encoding, sharing, both network hops, the server's parsing and validation, reconstruction and decoding)
+minus one server's products, per round trip.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads of the secure client (set after the plaintext run, which keeps torch's default); 1 "
         "keeps an idle client's thread pool from spinning on cores the servers need when all share one machine",
     )
+    p.add_argument("--repeats", type=int, default=3, help="alternating plaintext/secure rounds (default 3)")
     p.add_argument("--no-stream", action="store_true", help="unary gRPC calls instead of long-lived streams")
+    p.add_argument(
+        "--no-data-plane", action="store_true", help="stage calls over gRPC instead of the servers' data planes"
+    )
     p.add_argument(
         "--no-precompute",
         action="store_true",
@@ -100,40 +114,38 @@ def main(argv: list[str] | None = None) -> int:
     plain, ee, key, tok = prepare(args.model, wd)
     vocab = plain.config.vocab_size
     inputs = prompt_ids(tok, vocab)
-    plain_ms, plain_out = decode_ms(plain, inputs, args.tokens)
     prefill_plain = {n: prefill_ms(plain, prompt_ids(None, vocab, n)) for n in args.prefill}
     layers = plain.config.num_hidden_layers
-    del plain
-    if args.client_threads:
-        torch.set_num_threads(args.client_threads)
     server_args = ["--device", args.device, *server_flags(args)]
+    rounds = []
     with local_servers(ee, extra_args=server_args) as endpoints:
         with HSSEEForCausalLM.from_pretrained(
             ee,
             key=key,
             endpoints=endpoints,
             precompute=not args.no_precompute,
-            client_config=HSSEEClientConfig(stream=not args.no_stream),
+            client_config=HSSEEClientConfig(stream=not args.no_stream, data_plane=not args.no_data_plane),
         ) as model:
-            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
-            model.hss_ee_stats.reset()
-            _, t1 = timed(
-                model.generate, **inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0
-            )
-            one = _snapshot(model.hss_ee_stats)
-            model.hss_ee_stats.reset()
-            secure_out, tn = timed(
-                model.generate,
-                **inputs,
-                max_new_tokens=args.tokens + 1,
-                min_new_tokens=args.tokens + 1,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            many = _snapshot(model.hss_ee_stats)
-            secure_ms = 1000.0 * (tn - t1) / args.tokens
-            per_tok = {k: (many[k] - one[k]) / args.tokens for k in many}
-            prefill_secure = {n: prefill_ms(model, prompt_ids(None, vocab, n)) for n in args.prefill}
+            transport = type(model.hss_ee_client.transport).__name__
+            for round_ in range(args.repeats):
+                plain_ms, plain_out = decode_ms(plain, inputs, args.tokens)  # torch's default threads
+                with _threads(args.client_threads):
+                    secure_ms, secure_out, per_tok = secure_decode_ms(model, inputs, args.tokens)
+                rounds.append((plain_ms, secure_ms))
+                emit(
+                    {
+                        "bench": "decode_round",
+                        "round": round_,
+                        "plaintext_ms_per_token": plain_ms,
+                        "secure_ms_per_token": secure_ms,
+                        "ratio": secure_ms / plain_ms,
+                    }
+                )
+            with _threads(args.client_threads):
+                prefill_secure = {n: prefill_ms(model, prompt_ids(None, vocab, n)) for n in args.prefill}
+    del plain
+    plain_ms = statistics.median(p for p, _ in rounds)
+    secure_ms = statistics.median(s for _, s in rounds)
     match = torch.equal(plain_out, secure_out)
     emit(
         {
@@ -142,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": args.tokens,
             "plaintext_ms_per_token": plain_ms,
             "secure_ms_per_token": secure_ms,
-            "ratio": secure_ms / plain_ms,
+            "ratio": statistics.median(s / p for p, s in rounds),
             "tokens_match": match,
             "precompute": not args.no_precompute,
             "kernel": args.kernel,
             "stream": not args.no_stream,
+            "transport": transport,
             "client_threads": args.client_threads,
             "server_threads": args.server_threads,
             "precomputed_per_token": per_tok["precomputed"],
@@ -174,8 +187,24 @@ def main(argv: list[str] | None = None) -> int:
             "mb_per_token_total": (per_tok["bytes_sent"] + per_tok["bytes_received"]) / 1e6,
         }
     )
+    if args.server_threads:
+        torch.set_num_threads(args.server_threads)  # time the products as a server computes them
     compute = server_compute_ms(StageEngine(ee, kernel=args.kernel))
     wait_ms = 1000.0 * per_tok["wait_seconds"]
+    in_calls_ms = 1000.0 * per_tok["seconds"]
+    emit(
+        {
+            "bench": "overhead",
+            "model": args.model,
+            "round_trips_per_token": per_tok["round_trips"],
+            "server_compute_ms_per_token": compute,
+            "in_stage_calls_ms_per_token": in_calls_ms,
+            "overhead_us_per_stage": 1000.0 * (in_calls_ms - compute) / per_tok["round_trips"],
+            "secure_ms_per_token": secure_ms,
+            "plaintext_ms_per_token": plain_ms,
+            "ratio": statistics.median(s / p for p, s in rounds),
+        }
+    )
     parts = {
         "server compute (one server)": min(compute, wait_ms),
         "network + (de)serialisation + queueing": max(wait_ms - compute, 0.0),
@@ -186,6 +215,31 @@ def main(argv: list[str] | None = None) -> int:
     emit({"bench": "breakdown", "model": args.model, "unit": "ms/token", **parts})
     save_plot(Path(args.plot), f"{args.model}: where a secure decode step's time goes", parts, reference=plain_ms)
     return 0
+
+
+@torch.no_grad()
+def secure_decode_ms(model, inputs: dict, tokens: int) -> tuple[float, torch.Tensor, dict]:
+    """ms per decoded token of the secure model, its ids, and its stage-call counters per token."""
+    kw = dict(do_sample=False, pad_token_id=0)
+    model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (and party A's first products)
+    model.hss_ee_stats.reset()
+    _, t1 = timed(model.generate, **inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+    one = _snapshot(model.hss_ee_stats)
+    model.hss_ee_stats.reset()
+    out, tn = timed(model.generate, **inputs, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1, **kw)
+    many = _snapshot(model.hss_ee_stats)
+    return 1000.0 * (tn - t1) / tokens, out, {k: (many[k] - one[k]) / tokens for k in many}
+
+
+@contextmanager
+def _threads(threads: int | None):
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _snapshot(stats) -> dict:

@@ -30,6 +30,7 @@ from hss_ee_hf.server.grpc_server import start_server
 from hss_ee_hf.server.security import HSSEEServerSecurity
 from hss_ee_hf.transport.config import HSSEEClientConfig
 from hss_ee_hf.transport.grpc_client import GrpcTransport
+from hss_ee_hf.transport.socket_client import DataPlaneTransport
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import convert_tiny  # noqa: E402
@@ -141,12 +142,17 @@ class _RecordingEngine:
         return self.engine.compute(fingerprint, stage, rows, share=share, seed=seed, version=version)
 
 
-@pytest.fixture(scope="module")
-def recorded(tiny_ee_checkpoint: Path) -> Iterator[tuple[_RecordingEngine, _RecordingEngine, StageClient]]:
+@pytest.fixture(scope="module", params=["grpc", "dataplane"])
+def recorded(
+    tiny_ee_checkpoint: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[_RecordingEngine, _RecordingEngine, StageClient]]:
+    """Recording servers reached over gRPC, or over their data planes (where party A's requests are pipelined)."""
     engine = StageEngine(tiny_ee_checkpoint)
     recorders = (_RecordingEngine(engine), _RecordingEngine(engine))
     servers = [start_server(r, "127.0.0.1", 0, max_workers=2) for r in recorders]
     transport = GrpcTransport(tuple(f"127.0.0.1:{port}" for _, port in servers), timeout=10.0)
+    if request.param == "dataplane":
+        transport = DataPlaneTransport(transport)
     client = StageClient(
         transport, engine.info, scales={STAGE: torch.ones(OUT)}, in_features={STAGE: HIDDEN}, max_rows=ROWS
     )
@@ -263,9 +269,14 @@ class _FailingEngine:
         raise RuntimeError(f"bad payload {(share or seed)!r} {(share or seed or b'').hex()}")
 
 
-def test_no_payload_seed_key_or_token_in_logs_or_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+@pytest.mark.parametrize("plane", ["grpc", "dataplane"])
+def test_no_payload_seed_key_or_token_in_logs_or_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture, plane: str):
     from hss_ee_hf.client.modeling import HSSEEForCausalLM
     from hss_ee_hf.client.verifier import CheatingServerError, FreivaldsVerifier, VerifyingTransport
+
+    def connect(endpoints, config):
+        transport = GrpcTransport(endpoints, config=config)
+        return transport if plane == "grpc" else DataPlaneTransport(transport)
 
     caplog.set_level(logging.DEBUG)
     _, folder, key_path = convert_tiny("llama", tmp_path)
@@ -273,13 +284,15 @@ def test_no_payload_seed_key_or_token_in_logs_or_errors(tmp_path: Path, caplog: 
     engine = StageEngine(folder)
     recorders = [_RecordingEngine(engine), _RecordingEngine(_FailingEngine(engine))]
     security = HSSEEServerSecurity(tokens=[TOKEN])
-    servers = [start_server(r, "127.0.0.1", 0, max_workers=2, security=security) for r in recorders]
-    endpoints = tuple(f"127.0.0.1:{port}" for _, port in servers)
+    # the good pair is two servers of one recorder: the client refuses one server as both parties
+    servers = [start_server(r, "127.0.0.1", 0, max_workers=2, security=security) for r in (*recorders, recorders[0])]
+    endpoints = tuple(f"127.0.0.1:{port}" for _, port in servers[:2])
+    twin = f"127.0.0.1:{servers[2][1]}"
     messages: list[str] = []
     try:
-        good = (endpoints[0], endpoints[0])
+        good = (endpoints[0], twin)
         config = HSSEEClientConfig(token=TOKEN, timeout=5.0, retries=1, initial_backoff=0.01)
-        model = HSSEEForCausalLM.from_pretrained(folder, key=key_path, transport=GrpcTransport(good, config=config))
+        model = HSSEEForCausalLM.from_pretrained(folder, key=key_path, transport=connect(good, config))
         ids = torch.tensor([[1, 5, 9, 17]])
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         messages.append(repr(model.hss_ee_key) + repr(config))
@@ -291,10 +304,10 @@ def test_no_payload_seed_key_or_token_in_logs_or_errors(tmp_path: Path, caplog: 
             (good, HSSEEClientConfig(token="wrong-" + TOKEN, timeout=5.0), engine.fingerprint, "layers.0.qkv"),
         ]
         for pair, cfg, fingerprint, stage in attempts:
-            with GrpcTransport(pair, config=cfg) as transport, pytest.raises(HSSEEError) as info:
+            with connect(pair, cfg) as transport, pytest.raises(HSSEEError) as info:
                 transport.run_stage(fingerprint, stage, shares, out_features=128)
             messages.append(str(info.value))
-        cheater = VerifyingTransport(GrpcTransport(good, config=config), FreivaldsVerifier.from_checkpoint(folder))
+        cheater = VerifyingTransport(connect(good, config), FreivaldsVerifier.from_checkpoint(folder))
         y_a, y_b = cheater.inner.run_stage(engine.fingerprint, "layers.0.qkv", shares, out_features=128)
         with pytest.raises(CheatingServerError) as info:
             cheater.verifier.check_stage("layers.0.qkv", shares, y_a + 1, y_b, good)

@@ -91,9 +91,17 @@ def local_servers(checkpoint: Path, count: int = 2, timeout: float = 180.0, extr
 
     procs, endpoints, logs = [], [], []
     try:
-        for _ in range(count):
+        # every port picked up front and distinct: `port + 1` (serve's default data port) may be another free
+        # port picked here, and an ephemeral data port could take one before its server binds it
+        ports: list[int] = []
+        while len(ports) < 2 * count:
             port = free_port()
+            if port not in ports:
+                ports.append(port)
+        for i in range(count):
+            port, data_port = ports[2 * i], ports[2 * i + 1]
             cmd = [sys.executable, "-m", "hss_ee_hf.cli", "serve", str(checkpoint), "--port", str(port)]
+            cmd += ["--data-port", str(data_port)]
             cmd += extra_args or []
             logs.append(tempfile.TemporaryFile())  # a file, not a pipe: a full pipe would block the server
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[-1]))

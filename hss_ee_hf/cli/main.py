@@ -86,7 +86,7 @@ class ConvertCommand(Command):
 
 class ServeCommand(Command):
     name = "serve"
-    help = "Serve an EE checkpoint as one of the two share servers (gRPC)."
+    help = "Serve an EE checkpoint as one of the two share servers (gRPC, and stage calls on a binary data plane)."
 
     def add_arguments(self, p):
         p.add_argument("checkpoint", help="EE checkpoint folder or Hub repo id (server weights are downloaded)")
@@ -94,6 +94,18 @@ class ServeCommand(Command):
             "--port", type=int_in(0, 65535), default=50051, help="TCP port, 0-65535 (default 50051; 0 picks one)"
         )
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+        p.add_argument(
+            "--data-port",
+            type=int_in(0, 65535),
+            default=None,
+            help="TCP port of the data plane (stage calls as binary frames, same TLS and tokens; clients learn it "
+            "from Describe, so open it in the firewall too). Default: PORT + 1, or a free one when PORT is 0",
+        )
+        p.add_argument(
+            "--no-data-plane",
+            action="store_true",
+            help="serve stage calls over gRPC only (one port; slower: a few hundred microseconds more per call)",
+        )
         p.add_argument(
             "--device",
             default="cpu",
@@ -110,7 +122,7 @@ class ServeCommand(Command):
             type=int_in(1),
             default=32,
             help="gRPC worker threads (default 32). Each client session's open stage stream holds one; a quarter "
-            "(at least two) stay free for unary calls",
+            "(at least two) stay free for unary calls. The data plane takes twice as many connections",
         )
         p.add_argument(
             "--threads",
@@ -181,6 +193,8 @@ class ServeCommand(Command):
             schedules=args.schedules,
             operator=args.operator,
             trust_checkpoint=args.trust_checkpoint,
+            data_port=args.data_port,
+            data_plane=not args.no_data_plane,
         )
         return 0
 

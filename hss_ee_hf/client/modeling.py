@@ -37,11 +37,11 @@ from ..artifacts.layouts import stage_layout
 from ..errors import CheckpointError, HSSEEError, ScheduleUnavailableError
 from ..hub.download import resolve_client_files, resolve_server_files
 from ..transport.base import Transport
-from ..transport.config import HSSEEClientConfig
+from ..transport.config import HSSEEClientConfig, _is_loopback
 from .drafting import DraftingMixin
 from .inputs import check_generate_inputs
 from .load_checks import check_vocab, load_client_config, load_client_state, open_shard
-from .options import unknown_option_error
+from .options import torch_threads, unknown_option_error
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .schedule import apply_schedule, check_request
 from .stage_client import StageClient
@@ -62,7 +62,14 @@ def _make_transport(endpoints, transport: Transport | None, timeout: float | Non
     from ..transport.grpc_client import GrpcTransport
 
     # GrpcTransport checks the pair itself: a plain string such as "ab" is refused, never split into hosts.
-    return GrpcTransport(endpoints, timeout=timeout, config=client_config)
+    control = GrpcTransport(endpoints, timeout=timeout, config=client_config)
+    if not control.config.data_plane:
+        return control
+    from ..transport.socket_client import DataPlaneTransport
+
+    # gRPC stays the control plane; stage calls take each single-address server's data plane when it advertises
+    # one (a pool of replicas keeps gRPC streams, which its channel balances and retries across replicas)
+    return DataPlaneTransport(control)
 
 
 class HSSEEPreTrainedModel:
@@ -83,6 +90,10 @@ class HSSEEPreTrainedModel:
     hss_ee_key: EEKey
     hss_ee_info: HSSEECheckpointInfo
     hss_ee_stages_per_layer: int = 4
+    hss_ee_client_threads: int | None = None
+    """torch threads `generate()` runs at (restored after); `None` leaves torch's setting. `from_pretrained` sets 1
+    when both share servers are on this machine (loopback): the client's own tensors are small, and an idle torch
+    thread pool spins on the cores the servers need."""
 
     @classmethod
     def from_pretrained(
@@ -116,7 +127,7 @@ class HSSEEPreTrainedModel:
             transport (`Transport`, *optional*): a ready transport instead of `endpoints` (e.g.
                 `InProcessTransport` for a single-machine trial).
             client_config (`HSSEEClientConfig`, *optional*): TLS / mutual TLS, bearer token, deadline and retries
-                for the gRPC connections.
+                for the connections to the servers, and whether stage calls may use their data planes.
             timeout (`float`, *optional*): per-call deadline in seconds for gRPC (overrides `client_config`).
             verify (`bool`, *optional*, defaults to `False`): Freivalds-check every output share so a cheating
                 server is detected and named (`CheatingServerError`). Needs the server weights once, to
@@ -250,13 +261,17 @@ class HSSEEPreTrainedModel:
         if left:
             raise CheckpointError(f"the client shard lacks {left[:5]}; the EE checkpoint is incomplete")
         self.hss_ee_client, self.hss_ee_key, self.hss_ee_info = stage_client, ee_key, info
+        if all(_is_loopback(e) for e in transport.endpoints):
+            self.hss_ee_client_threads = 1
 
     def generate(self, *args: Any, **kwargs: Any):
         """transformers' own `generate()`, after refusing an empty prompt, a zero-size batch or a prompt past learned
-        positions, and warning about one past a rotary model's context (see `inputs.py`), before any round trip."""
+        positions, and warning about one past a rotary model's context (see `inputs.py`), before any round trip; at
+        `hss_ee_client_threads` torch threads when that is set."""
         client = self.hss_ee_client
         check_generate_inputs(self, args, kwargs, stages=len(client.in_features), max_rows=client.max_rows)
-        return super().generate(*args, **kwargs)
+        with torch_threads(self.hss_ee_client_threads):
+            return super().generate(*args, **kwargs)
 
     @property
     def hss_ee_stats(self):

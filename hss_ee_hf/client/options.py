@@ -14,7 +14,10 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 from ..errors import UnknownOptionError
 
@@ -70,3 +73,17 @@ def generation_keywords(model: Any) -> set[str]:
     for fn in (model.generate, model.forward):
         names |= set(inspect.signature(fn).parameters)
     return names
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Runs the block at `threads` torch threads (restored after); `None`, or no fewer than now, changes nothing."""
+    before = torch.get_num_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

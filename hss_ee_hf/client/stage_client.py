@@ -6,11 +6,14 @@ transport (which knows bytes); it keeps counters a benchmark reads.
 
 Offline/online split: party A's share is a function of a fresh seed only, never of the data, so its
 product `x_A @ W_int.T` can be computed before the data exists. After each stage call of `n` rows the
-client asks party A, in the background, for its product under the next seed of that stage and shape.
-The next call of the same stage and shape then only has to wait for party B (`x_B = x - x_A`); party A's
-work overlaps the client's own nonlinear work. Every seed is used once. What each server receives is
-unchanged (A: 32-byte seeds, B: uniformly random shares); A's requests no longer line up with the user's
-tokens in time.
+client asks party A for its product under the next seed of that stage and shape. The next call of the same
+stage and shape then only has to wait for party B (`x_B = x - x_A`); party A's work overlaps the client's own
+nonlinear work. Every seed (every mask row) is used once. What each server receives is unchanged (A: 32-byte
+seeds, B: uniformly random shares); A's requests no longer line up with the user's tokens in time.
+
+On a `pipelined` transport (the data plane) asking is only a write whose reply waits on the wire until a call
+reads it, with no thread involved, and one request prepares several future calls ([`PreparedProducts`]).
+Other transports ask for one call at a time from one background thread.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from transformers.utils.logging import tqdm
 
 from ..artifacts.checkpoint import HSSEECheckpointInfo
 from ..errors import CheckpointError, TransportError
-from ..ring.fixed_point import decode_output, encode
-from ..ring.sharing import Shares, mask_for, reconstruct, share, share_with
+from ..ring.fixed_point import StageCodec
+from ..ring.sharing import Shares, mask_for, share, share_with
 from ..transport.base import Transport
+from .prepared import PreparedProducts
 
 logger = logging.getLogger(__name__)
 PRECOMPUTE_MAX_ROWS = 16
@@ -114,14 +118,24 @@ class StageClient:
         self.max_rows = max_rows
         self.pad_rows = 0  # > 0: calls of fewer rows are padded to this many (constant-shape drafted passes)
         self.stats = StageStats()
-        # (stage, rows) -> party A's product under a seed prepared ahead of time; one background worker, as
-        # party A is one server and its requests need no parallelism.
+        self._codecs: dict[str, StageCodec] = {}
+        # On a pipelined transport, party A's products prepared in chunks; otherwise (stage, rows) -> a future of one
+        # background worker (party A is one server and its requests need no parallelism).
+        self._pipelined = precompute and transport.pipelined
+        # Per calling thread, as the data plane's connections are: a chunk's reply is read on the connection that
+        # asked for it, and each thread's stock is its own (every mask row still used once).
+        self._prepared_local = threading.local()
+        self._prepared_all: list[PreparedProducts] = []
         self._ready: dict[tuple[str, int], Future] = {}
         # One model may serve many threads: the prepared products (each seed is used exactly once), the pool and
         # the counters are shared, so they change under this lock (held for dictionary work only, never a call).
         self._lock = threading.Lock()
         self._progress = threading.local()  # .bar: this thread's prefill progress bar, see `_advance_progress`
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute") if precompute else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hss-ee-precompute")
+            if precompute and not self._pipelined
+            else None
+        )
 
     def run(self, stage: str, x: torch.Tensor) -> torch.Tensor:
         """Computes `x @ W_stage.T` on the servers without either of them seeing `x`.
@@ -137,29 +151,52 @@ class StageClient:
             `RingOverflowError`: `x` is outside the fixed-point range, or a reply was corrupted.
             `TransportError`: a server failed (the error names it).
         """
-        scale = self.scales.get(stage)
-        if scale is None:
-            raise CheckpointError(f"stage {stage!r} has no weight scales; the checkpoint's scales file is incomplete")
-        in_features = self.in_features[stage]
+        codec = self._codecs.get(stage)
+        if codec is None:
+            codec = self._codec(stage)
+        in_features = codec.in_features
         if x.shape[-1] != in_features:
             raise ValueError(f"stage {stage} takes {in_features} features, got shape {tuple(x.shape)}")
         rows = x.reshape(-1, in_features)
+        if rows.requires_grad:
+            rows = rows.detach()
         n = rows.shape[0]
         if n == 0:  # the product of no rows is no rows, as in plaintext; nothing to send
-            return x.new_zeros(*x.shape[:-1], scale.numel())
+            return x.new_zeros(*x.shape[:-1], codec.out_features)
         if n < self.pad_rows:  # zero rows: stages are row-wise, so the real rows' products are unchanged
             rows = torch.cat([rows, rows.new_zeros(self.pad_rows - n, in_features)])
             self.stats.padded_rows += self.pad_rows - n
         if rows.shape[0] <= self.max_rows:
             self._end_progress()
-            y = self._run_rows(stage, rows, scale)
+            y = self._run_rows(stage, rows, codec, x.dtype)
         else:
             step = self.max_rows
-            outs = [self._run_rows(stage, rows[i : i + step], scale) for i in range(0, rows.shape[0], step)]
+            outs = [self._run_rows(stage, rows[i : i + step], codec, x.dtype) for i in range(0, rows.shape[0], step)]
             y = torch.cat(outs, dim=0)
             self._advance_progress(rows.shape[0], len(outs))
         y = y[:n] if y.shape[0] != n else y
-        return y.to(device=x.device, dtype=x.dtype).reshape(*x.shape[:-1], scale.numel())
+        if not x.is_cpu:
+            y = y.to(device=x.device)
+        return y.reshape(*x.shape[:-1], codec.out_features)
+
+    def _codec(self, stage: str) -> StageCodec:
+        scale = self.scales.get(stage)
+        if scale is None:
+            raise CheckpointError(f"stage {stage!r} has no weight scales; the checkpoint's scales file is incomplete")
+        codec = self._codecs[stage] = StageCodec(self.info.ring, self.in_features[stage], scale)
+        return codec
+
+    def _prepared_a(self) -> PreparedProducts | None:
+        """This thread's stock of party A's products on a pipelined transport, else `None`."""
+        if not self._pipelined:
+            return None
+        prepared = getattr(self._prepared_local, "products", None)
+        if prepared is None:
+            prepared = PreparedProducts(self.transport, self.info.fingerprint, self.max_rows)
+            self._prepared_local.products = prepared
+            with self._lock:
+                self._prepared_all.append(prepared)
+        return prepared
 
     def _advance_progress(self, rows: int, requests: int) -> None:
         """Counts one split stage call on this thread's prefill progress bar (a long prompt's pass can take minutes).
@@ -198,8 +235,14 @@ class StageClient:
         return seed, a, self.transport.run_party(0, self.info.fingerprint, stage, only_a, out_features)
 
     def _schedule(self, stage: str, rows: int, in_features: int, out_features: int) -> None:
+        if rows > PRECOMPUTE_MAX_ROWS:
+            return
+        prepared_a = self._prepared_a()
+        if prepared_a is not None:
+            prepared_a.top_up(stage, rows, in_features, out_features)
+            return
         with self._lock:
-            if self._pool is None or rows > PRECOMPUTE_MAX_ROWS or (stage, rows) in self._ready:
+            if self._pool is None or (stage, rows) in self._ready:
                 return
             try:
                 self._ready[(stage, rows)] = self._pool.submit(self._prepare, stage, rows, in_features, out_features)
@@ -227,6 +270,9 @@ class StageClient:
         """Waits until every party-A product asked for ahead of time has arrived (or failed)."""
         with self._lock:
             pending = list(self._ready.values())
+            prepared = list(self._prepared_all)
+        for products in prepared:
+            products.wait()
         wait(pending)
 
     def close(self) -> None:
@@ -234,30 +280,57 @@ class StageClient:
         with self._lock:
             pool, self._pool = self._pool, None
             self._ready.clear()
+            prepared, self._prepared_all, self._pipelined = self._prepared_all, [], False
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        for products in prepared:
+            products.clear()
 
-    def _run_rows(self, stage: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _run_rows(self, stage: str, x: torch.Tensor, codec: StageCodec, dtype: torch.dtype) -> torch.Tensor:
         start = time.perf_counter()
-        rows, in_features, out_features = x.shape[0], x.shape[-1], scale.numel()
-        encoded = encode(x, self.info.ring, in_features)
+        rows, in_features, out_features = x.shape[0], codec.in_features, codec.out_features
+        encoded = codec.encode(x)
         encoded_at = time.perf_counter()
-        prepared = self._prepared(stage, rows) if self._pool is not None else None  # may wait for party A
-        waited = time.perf_counter() - encoded_at
-        if prepared is not None:
+        waited = 0.0
+        prepared_a = self._prepared_a()
+        if prepared_a is not None:
+            prepared = prepared_a.take(stage, rows)
+        elif self._pool is not None:
+            prepared = self._prepared(stage, rows)  # may wait for party A
+            waited = time.perf_counter() - encoded_at
+        else:
+            prepared = None
+        if prepared is not None and prepared_a is not None:
+            seed, a, chunk, index = prepared
+            shares = share_with(encoded, seed, a)
+            shared = time.perf_counter()
+            pending_b = self.transport.send_party(1, self.info.fingerprint, stage, shares, out_features)
+            try:
+                y_a = prepared_a.collect(chunk, index, rows)  # on the wire already, normally
+            except BaseException:
+                pending_b.cancel()
+                raise
+            y_b = pending_b.result()
+            # Party A is asked for more only now: on a machine that also runs party B, A then computes while the
+            # client does its own work rather than while B does.
+            self._schedule(stage, rows, in_features, out_features)
+            with self._lock:
+                self.stats.precomputed += 1
+        elif prepared is not None:
             seed, a, y_a = prepared
             shares = share_with(encoded, seed, a)
             shared = time.perf_counter()
             y_b = self.transport.run_party(1, self.info.fingerprint, stage, shares, out_features)
             with self._lock:
                 self.stats.precomputed += 1
+            self._schedule(stage, rows, in_features, out_features)
         else:
             shares = share(encoded)
             shared = time.perf_counter()
             y_a, y_b = self.transport.run_stage(self.info.fingerprint, stage, shares, out_features)
+            self._schedule(stage, rows, in_features, out_features)
         received = time.perf_counter()
-        self._schedule(stage, rows, in_features, out_features)
-        y = decode_output(reconstruct(y_a, y_b), scale, x.shape[-1], self.info.ring)
+        y = codec.decode(y_a, y_b, dtype)
         st = self.stats
         with self._lock:  # `+=` on shared counters is not atomic across threads
             st.share_seconds += shared - start - waited
@@ -266,7 +339,7 @@ class StageClient:
             st.round_trips += 1
             st.rows += rows
             st.bytes_sent += len(shares.seed) + shares.b.numel() * 8
-            st.bytes_received += 2 * y_a.numel() * 8
+            st.bytes_received += 2 * y.numel() * 8
             st.seconds += time.perf_counter() - start
             st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
         return y

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from ..errors import InvalidConfigError, RingOverflowError
@@ -131,6 +132,75 @@ def decode_output(y_int: torch.Tensor, scale: torch.Tensor, in_features: int, co
             raise RingOverflowError(f"reconstructed value below the overflow budget (-{limit}); a share is corrupted")
     # scaling the (out,) scales by 2^-f is exact, so this equals (y * s) * 2^-f with one pass over y fewer
     return y_int.to(torch.float64) * (scale.to(torch.float64) / (1 << config.frac_bits))
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+# The ufuncs' own reductions: `ndarray.min()` adds a Python-level wrapper, a microsecond per call on the hot path.
+_min, _max = np.minimum.reduce, np.maximum.reduce
+
+
+class StageCodec:
+    """[`encode`] and [`decode_output`] for one stage, with its limits and scales worked out once.
+
+    The client's online path runs these on every stage call; on CPU float32/float64 they run as a few NumPy passes
+    over the row instead of a dozen torch dispatches, and give the same results bit for bit (scaling by `2^f` and
+    rounding half to even are exact in either precision; the decoded values are the same float64 products, cast
+    once). Anything else (other dtypes, other devices) goes through [`encode`] / [`decode_output`].
+
+    Args:
+        config (`RingConfig`): ring parameters.
+        in_features (`int`): the stage's input width (bounds inputs and legitimate products).
+        scale (`torch.Tensor`): `(out,)` public per-output-channel weight scales.
+    """
+
+    def __init__(self, config: RingConfig, in_features: int, scale: torch.Tensor):
+        self.config, self.in_features = config, in_features
+        self.scale = scale.to(torch.float64)
+        self.out_features = self.scale.numel()
+        self.in_limit = config.activation_limit(in_features)
+        self.out_limit = config.output_limit(in_features)
+        self._frac = float(1 << config.frac_bits)
+        self._scale = (self.scale / (1 << config.frac_bits)).numpy()  # exact: a power of two
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """`(rows, in_features)` activations -> `int64` ring elements, as [`encode`].
+
+        Raises:
+            `RingOverflowError`: a value is not finite or outside the fixed-point range.
+        """
+        if not x.is_cpu or x.dtype not in _NUMPY_FLOATS or x.requires_grad:
+            return encode(x, self.config, self.in_features)
+        v = x.numpy()
+        if v.size and not (_max(v, None) < self.in_limit and -self.in_limit < _min(v, None)):  # also true for NaN
+            peak = float(np.abs(v).max())
+            raise RingOverflowError(
+                f"activation magnitude {peak:.4g} is outside the fixed-point range (< {self.in_limit:g}); "
+                "the model produced non-finite or exploding activations for this input"
+            )
+        scaled = v * self._frac  # exact: a power of two
+        return torch.from_numpy(np.rint(scaled, out=scaled).astype(np.int64))
+
+    def decode(self, y_a: torch.Tensor, y_b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Adds two output shares (mod 2^64) and decodes them to `dtype`, as [`decode_output`] then `.to(dtype)`.
+
+        Raises:
+            `RingOverflowError`: the sum is outside the overflow budget (a corrupted or mismatched share).
+        """
+        if not (y_a.is_cpu and y_b.is_cpu) or dtype not in _NUMPY_FLOATS:
+            return decode_output(y_a + y_b, self.scale, self.in_features, self.config).to(dtype)
+        y = np.add(y_a.numpy(), y_b.numpy())  # int64 arrays wrap, as the ring requires
+        if y.size:
+            if _max(y, None) > self.out_limit:
+                raise RingOverflowError(
+                    f"reconstructed value outside the overflow budget (|y| <= {self.out_limit}); a share is "
+                    "corrupted or the two servers answered different requests"
+                )
+            if _min(y, None) < -self.out_limit:
+                raise RingOverflowError(
+                    f"reconstructed value below the overflow budget (-{self.out_limit}); a share is corrupted"
+                )
+        out = np.multiply(y, self._scale)  # int64 -> float64, then the product: decode_output's arithmetic
+        return torch.from_numpy(out if dtype == torch.float64 else out.astype(_NUMPY_FLOATS[dtype]))
 
 
 def quantize_weight(weight: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,16 @@ _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 _THREAD_MIN_MACS = 1 << 20
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
+_limits = threading.local()  # per calling thread: the most kernel threads its products may use
+
+
+def limit_threads(threads: int | None) -> None:
+    """Caps the kernel threads of products computed on the calling thread (`None` lifts the cap).
+
+    The data plane caps a connection from this machine at one: the client (and often the other server) share
+    the cores, and a product split over busy cores waits for its slowest half.
+    """
+    _limits.threads = threads
 
 
 def kernel_choice(kernel: str | None = None) -> str:
@@ -123,6 +133,9 @@ class NativeRingKernel:
         scratch = torch.empty_like(x)
         macs = n * in_features * out_features
         threads = torch.get_num_threads() if macs >= _THREAD_MIN_MACS else 1
+        cap = getattr(_limits, "threads", None)
+        if cap is not None:
+            threads = max(1, min(threads, cap))
         pointers = (x.data_ptr(), scratch.data_ptr(), u.data_ptr(), y.data_ptr())
         rc = self._fn(*pointers, n, in_features, out_features, threads)
         if rc != 0:

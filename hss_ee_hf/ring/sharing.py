@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .csprng import ChaChaStream, new_seed
@@ -63,9 +64,14 @@ def share_with(x: torch.Tensor, seed: bytes, a: torch.Tensor) -> Shares:
     """Shares `x` under a mask from [`mask_for`] (used exactly once): `b = x - a mod 2^64`."""
     if x.dtype != torch.int64:
         raise TypeError(f"only int64 ring tensors can be shared, got {x.dtype}")
-    if tuple(x.shape) != tuple(a.shape):
+    if x.shape != a.shape:
         raise ValueError(f"mask shape {tuple(a.shape)} does not match the value's {tuple(x.shape)}")
-    return Shares(seed=seed, a=a, b=x.cpu() - a)
+    if not (x.is_cpu and a.is_cpu):
+        return Shares(seed=seed, a=a, b=x.cpu() - a.cpu())
+    # the same wrapping subtraction as torch's, without its dispatch (a decode step shares 121 times a token)
+    b = np.empty(tuple(x.shape), dtype=np.int64)
+    np.subtract(x.numpy(), a.numpy(), out=b)
+    return Shares(seed=seed, a=a, b=torch.from_numpy(b))
 
 
 def reconstruct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

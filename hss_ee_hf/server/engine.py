@@ -192,7 +192,9 @@ class StageEngine:
             fingerprint (`str`): the checkpoint the client expects.
             stage (`str`): stage name, e.g. `"layers.3.qkv"`.
             rows (`int`): number of input rows.
-            share (`bytes`, *optional*): the input share, `rows x in_features` little-endian int64.
+            share (`bytes`, *optional*): the input share, `rows x in_features` little-endian int64. A writable
+                buffer (`bytearray`, or a `memoryview` of one, as the data plane passes) is read in place, not
+                copied; it must stay unchanged until this call returns.
             seed (`bytes`, *optional*): instead of `share`, a 32-byte seed that expands to it.
             version (`int`, *optional*): the client's protocol version.
 
@@ -203,7 +205,10 @@ class StageEngine:
         if seed is not None:
             x = expand_share(seed, (rows, weight.in_features))
         else:
-            x = torch.frombuffer(bytearray(share), dtype=torch.int64).view(rows, weight.in_features)
+            # gRPC hands over immutable bytes, which torch cannot view without a (warning and a) copy
+            buf = share if isinstance(share, (bytearray, memoryview)) and not memoryview(share).readonly else None
+            x = torch.frombuffer(buf if buf is not None else bytearray(share), dtype=torch.int64)
+            x = x.view(rows, weight.in_features)
         y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
         out = y.cpu().numpy().tobytes()
         if rows >= TRIM_ROWS:

@@ -1,10 +1,11 @@
-"""The share server: a [`StageEngine`] behind gRPC (DESIGN.md §7).
+"""The share server: a [`StageEngine`] behind gRPC and its binary data plane (DESIGN.md §7, §8).
 
 One process is one party (A or B). It serves the `ShareServer` service of [`hss_ee_hf.server.servicer`]
 (`Stage`, `StageStream`, `Describe`), exposes the standard gRPC health service, and keeps no state
 between requests. This module binds it to a port with message limits sized to the largest stage,
 TLS, mutual TLS and bearer tokens from an [`HSSEEServerSecurity`], and a graceful shutdown on
-SIGINT/SIGTERM.
+SIGINT/SIGTERM. Next to it, on a second port that `Describe` advertises, the data plane
+([`hss_ee_hf.server.socket_server`]) answers the same stage calls as binary frames with the same security.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from ..errors import HSSEEError
 from ..transport.base import PROTOCOL_VERSION
 from ..transport.service_config import server_keepalive_options
 from .engine import StageEngine
+from .handle import ShareServerHandle
 from .options import DEFAULT_MAX_ROWS
 from .security import HSSEEServerSecurity
 from .servicer import SERVICE_NAME, ShareServicer, share_server_handler  # noqa: F401 - SERVICE_NAME is re-exported
+from .socket_server import DataPlaneServer
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +92,46 @@ def _start(
     security: HSSEEServerSecurity | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     operator: str = "",
-) -> tuple[grpc.Server, int, health.HealthServicer]:
+    data_port: int | None = 0,
+) -> tuple[ShareServerHandle, int, health.HealthServicer]:
     limit = message_limit(engine)
     # Read the PEM files before binding, so a bad path fails without a half-started server.
     credentials = security.server_credentials() if security is not None else None
+    data_plane = None
+    if data_port is not None:
+        try:
+            # a data-plane connection is a thread blocked in recv, cheaper than a gRPC worker: twice as many
+            data_plane = DataPlaneServer(engine, host, data_port, security, max_connections=2 * max_workers)
+        except OSError as err:
+            raise ShareServerError(
+                f"cannot listen for the data plane on {_address(host, data_port)}: {err.strerror or err}; choose "
+                "another port (`--data-port`, 0 picks a free one) or turn it off (`--no-data-plane`)"
+            ) from err
+    try:
+        server, bound, health_servicer = _start_grpc(
+            engine, host, port, max_workers, limit, credentials, security, interceptors, data_plane, operator
+        )
+    except BaseException:
+        if data_plane is not None:
+            data_plane.stop(0)
+        raise
+    if data_plane is not None:
+        data_plane.start()
+    return ShareServerHandle(server, data_plane), bound, health_servicer
+
+
+def _start_grpc(
+    engine: StageEngine,
+    host: str,
+    port: int,
+    max_workers: int,
+    limit: int,
+    credentials: grpc.ServerCredentials | None,
+    security: HSSEEServerSecurity | None,
+    interceptors: Sequence[grpc.ServerInterceptor],
+    data_plane: DataPlaneServer | None,
+    operator: str = "",
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     chain = list(security.interceptors() if security is not None else []) + list(interceptors)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hss-ee-serve"),
@@ -106,7 +145,12 @@ def _start(
         ],
     )
     # A quarter of the workers (at least two) always stay free for unary calls and health checks.
-    servicer = ShareServicer(engine, max_streams=max(0, max_workers - max(2, max_workers // 4)), operator=operator)
+    servicer = ShareServicer(
+        engine,
+        max_streams=max(0, max_workers - max(2, max_workers // 4)),
+        operator=operator,
+        data_port=data_plane.port if data_plane is not None else 0,
+    )
     server.add_generic_rpc_handlers((share_server_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -147,8 +191,9 @@ def start_server(
     max_workers: int = DEFAULT_MAX_WORKERS,
     security: HSSEEServerSecurity | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-) -> tuple[grpc.Server, int]:
-    """Starts a share server for `engine` in background threads and returns at once.
+    data_port: int | None = 0,
+) -> tuple[ShareServerHandle, int]:
+    """Starts a share server for `engine` (gRPC and its data plane) in background threads and returns at once.
 
     The engine's `max_rows` must let its widest stage fit in one gRPC message (`fit_max_rows` lowers it).
 
@@ -161,13 +206,17 @@ def start_server(
         port (`int`, *optional*, defaults to 50051): TCP port; `0` picks a free one.
         max_workers (`int`, *optional*, defaults to 32): threads answering requests concurrently. An open stage
             stream holds one for its lifetime (a client session holds one or two per server); a quarter of them,
-            at least two, are kept for unary calls.
+            at least two, are kept for unary calls. The data plane serves twice as many connections (one per client
+            session and calling thread); clients beyond them use gRPC.
         security (`HSSEEServerSecurity`, *optional*): TLS / mutual TLS / bearer tokens; plaintext without.
         interceptors (`Sequence[grpc.ServerInterceptor]`, *optional*): extra interceptors (metrics, tests),
-            run after the token check.
+            run after the token check (gRPC only).
+        data_port (`int`, *optional*, defaults to 0): TCP port of the data plane (binary frames for stage calls, same
+            security; advertised in `Describe`), 0 for a free one, `None` for no data plane.
 
     Returns:
-        `(server, port)`: the running `grpc.Server` (stop it with `server.stop(grace)`) and the port it bound.
+        `(server, port)`: the running [`ShareServerHandle`] (stop it with `server.stop(grace)`; `server.data_port`
+        is the data plane's port) and the gRPC port it bound.
 
     Raises:
         `ShareServerError`: the port cannot be bound, or the largest payload does not fit in a gRPC message.
@@ -181,7 +230,7 @@ def start_server(
     >>> server.stop(grace=1.0).wait()
     ```
     """
-    server, bound, _ = _start(engine, host, port, max_workers, security, interceptors)
+    server, bound, _ = _start(engine, host, port, max_workers, security, interceptors, data_port=data_port)
     return server, bound
 
 
@@ -201,6 +250,8 @@ def serve(
     schedules: tuple[int, ...] = (4,),
     operator: str = "",
     trust_checkpoint: bool = False,
+    data_port: int | None = None,
+    data_plane: bool = True,
 ) -> None:
     """Loads an EE checkpoint and serves it until SIGINT or SIGTERM (what `hss-ee serve` runs).
 
@@ -216,7 +267,8 @@ def serve(
             widest stage (often `lm_head`) would not fit in one gRPC message; clients read it with `Describe`.
         max_workers (`int`, *optional*, defaults to 32): threads answering requests concurrently. An open stage
             stream holds one for its lifetime (a client session holds one or two per server); a quarter of them,
-            at least two, are kept for unary calls.
+            at least two, are kept for unary calls. The data plane serves twice as many connections (one per client
+            session and calling thread); clients beyond them use gRPC.
         ready_callback (`Callable[[int], None]`, *optional*): called with the bound port once the server accepts
             requests.
         grace (`float`, *optional*, defaults to 5.0): seconds requests in flight get to finish on shutdown.
@@ -233,6 +285,10 @@ def serve(
             parties of one operator.
         trust_checkpoint (`bool`, *optional*, defaults to `False`): skip recomputing the weights' fingerprint
             and checking the shards against the config at load (see [`StageEngine`]).
+        data_port (`int`, *optional*): TCP port of the data plane, on the same host; defaults to `port + 1` (a free
+            one when `port` is 0). Clients learn it from `Describe`, so a firewall must let both ports through.
+        data_plane (`bool`, *optional*, defaults to `True`): serve stage calls as binary frames on `data_port` too
+            (clients then skip gRPC for them); `False` leaves gRPC alone.
 
     Raises:
         `ShareServerError`: the port cannot be bound, or `max_rows` rows of the widest stage do not fit in a
@@ -258,7 +314,11 @@ def serve(
     )
     if max_rows is None:
         fit_max_rows(engine)
-    server, bound, health_servicer = _start(engine, host, port, max_workers, security, operator=operator)
+    if data_port is None:
+        data_port = port + 1 if port else 0
+    server, bound, health_servicer = _start(
+        engine, host, port, max_workers, security, operator=operator, data_port=data_port if data_plane else None
+    )
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
@@ -274,13 +334,14 @@ def serve(
         logger.warning("serve() runs outside the main thread: it cannot catch signals and serves until killed")
     try:
         logger.info(
-            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s (%s)",
+            "serving checkpoint %s (%d stages, at most %d rows per request, protocol %d) on %s (%s), data plane %s",
             short(engine.fingerprint),
             len(engine.describe()),
             engine.max_rows,
             PROTOCOL_VERSION,
             _address(host, bound),
             security if security is not None else "plaintext, no token",
+            f"on port {server.data_port}" if server.data_port else "off",
         )
         if ready_callback is not None:
             ready_callback(bound)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,13 @@ from ..transport.config import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def token_accepted(token: bytes, accepted: Sequence[bytes]) -> bool:
+    """Whether `token` is one of `accepted`, compared in constant time (gRPC metadata and data-plane HELLO alike)."""
+    # No early exit: every accepted token is compared, so timing does not tell which one was close.
+    matches = [hmac.compare_digest(token, candidate) for candidate in accepted]
+    return any(matches)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
@@ -54,10 +62,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         value = presented[0].encode("utf-8") if isinstance(presented[0], str) else presented[0]
         if not value.startswith(_BEARER.encode()):
             return False
-        token = value[len(_BEARER) :]
-        # No early exit: every accepted token is compared, so timing does not tell which one was close.
-        matches = [hmac.compare_digest(token, accepted) for accepted in self._tokens]
-        return any(matches)
+        return token_accepted(value[len(_BEARER) :], self._tokens)
 
     def intercept_service(
         self,
@@ -114,6 +119,7 @@ class HSSEEServerSecurity:
     token_file: str | os.PathLike | None = None
     tokens: Sequence[str] = ()
     _accepted: tuple[str, ...] = field(default=(), init=False, compare=False)
+    _accepted_bytes: tuple[bytes, ...] = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -128,6 +134,7 @@ class HSSEEServerSecurity:
         if self.token_file is not None:
             accepted += read_tokens(self.token_file)
         self._accepted = accepted
+        self._accepted_bytes = tuple(t.encode("utf-8") for t in accepted)
         if self.tls_key is not None:
             _warn_if_readable_by_others(self.tls_key, "TLS key")
 
@@ -161,6 +168,36 @@ class HSSEEServerSecurity:
         return grpc.ssl_server_credentials(
             [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The standard library TLS context of the data plane, from the same files as `server_credentials`
+        (client certificates signed by `tls_client_ca` required when it is set), or `None` for plaintext.
+
+        Raises:
+            `SecurityConfigError`: a PEM file cannot be read or is not a certificate or key.
+        """
+        if not self.uses_tls:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        _read_file(self.tls_key, "TLS key", "--tls-key")
+        _read_file(self.tls_cert, "certificate", "--tls-cert")
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+            if self.tls_client_ca is not None:
+                pem = _read_file(self.tls_client_ca, "client CA", "--tls-client-ca").decode("ascii", errors="replace")
+                context.load_verify_locations(cadata=pem)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except ssl.SSLError as err:
+            raise SecurityConfigError(
+                f"a TLS file is not a valid PEM certificate or key ({err.reason or err}); check `--tls-cert`, "
+                "`--tls-key` and `--tls-client-ca`"
+            ) from err
+        return context
+
+    def accepts(self, token: bytes) -> bool:
+        """Whether a bearer token is accepted: always when none is required, else compared in constant time."""
+        return not self._accepted or token_accepted(token, self._accepted_bytes)
 
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         """Server interceptors enforcing the tokens (none when no token is required)."""

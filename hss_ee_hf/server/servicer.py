@@ -70,6 +70,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
         engine (`StageEngine`): the loaded EE checkpoint this server computes with.
         max_streams (`int`, *optional*): how many stage streams may be open at once.
         operator (`str`, *optional*): who runs this server, reported by `Describe` (`--operator`).
+        data_port (`int`, *optional*, defaults to 0): the data-plane port `Describe` advertises (0: none).
 
     Example:
 
@@ -79,8 +80,11 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
     ```
     """
 
-    def __init__(self, engine: StageEngine, max_streams: int = DEFAULT_MAX_STREAMS, operator: str = ""):
+    def __init__(
+        self, engine: StageEngine, max_streams: int = DEFAULT_MAX_STREAMS, operator: str = "", data_port: int = 0
+    ):
         self.engine = engine
+        self.data_port = data_port
         # A fresh id per server start: a client that sees one id at both parties is talking to one process.
         self.instance_id = os.urandom(16).hex()
         self.operator = operator
@@ -135,7 +139,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             self._stream_slots.release()
 
     def Describe(self, request: hss_ee_pb2.DescribeRequest, context: grpc.ServicerContext) -> hss_ee_pb2.DescribeReply:
-        """Reports the served checkpoint's fingerprint, the protocol version, every stage and `max_rows`."""
+        """Reports the checkpoint's fingerprint, the protocol version, every stage, `max_rows` and the data port."""
         if isinstance(request, _Undecodable):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         stages = []
@@ -151,6 +155,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             schedules=self.engine.schedules,
             instance_id=self.instance_id,
             operator=self.operator,
+            data_port=self.data_port,
         )
 
 

@@ -6,6 +6,9 @@
 * `grpc_client`: `GrpcTransport`, the client of two `hss-ee serve` processes; `streams`: its long-lived streams.
 * `config`: [`HSSEEClientConfig`] (TLS, tokens, deadlines, retries) and the helpers both sides share.
 * `protos`: the generated gRPC wire format.
+* `frames`: the data plane's binary wire format; `socket_client`: `DataPlaneTransport`, stage calls as frames on
+  each single-address server's data port (gRPC stays the control plane and fallback); `socket_connection`: one
+  data-plane connection.
 
 Nothing here imports the server or the client model.
 """

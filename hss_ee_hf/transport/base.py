@@ -63,10 +63,36 @@ def scales_from_bytes(data: bytes, out_features: int, endpoint: str) -> torch.Te
     return scales
 
 
+class PendingShare:
+    """One server's output share, asked for and not yet collected ([`Transport.send_party`]).
+
+    This base class makes the call only when `result()` is called (a transport that cannot send ahead).
+    """
+
+    __slots__ = ("_call", "_args")
+
+    def __init__(self, call, *args):
+        self._call, self._args = call, args
+
+    def result(self) -> torch.Tensor:
+        """The `(rows, out_features)` output share.
+
+        Raises:
+            `TransportError`: naming the endpoint that failed.
+        """
+        return self._call(*self._args)
+
+    def cancel(self) -> None:
+        """Gives up on the reply (it is dropped when it arrives)."""
+
+
 class Transport(ABC):
     """Carries one stage's shares to the two servers and their output shares back."""
 
     endpoints: tuple[str, str]
+    pipelined: bool = False
+    """Whether `send_party` sends at once and the reply waits on the wire for `result()`: the client then asks for
+    party A's next products that way instead of from a background thread."""
 
     @abstractmethod
     def run_stage(
@@ -101,6 +127,14 @@ class Transport(ABC):
             `TransportError`: naming the endpoint that failed.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot call one server alone")
+
+    def send_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> PendingShare:
+        """Starts [`run_party`] and returns a handle whose `result()` is its output share.
+
+        A `pipelined` transport sends the request now and reads the reply when asked; this default makes the whole
+        call inside `result()`.
+        """
+        return PendingShare(self.run_party, party, fingerprint, stage, shares, out_features)
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases connections and threads."""

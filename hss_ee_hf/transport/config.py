@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import ssl
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,10 @@ class HSSEEClientConfig:
         stream (`bool`, *optional*, defaults to `True`): send stage calls on long-lived bidirectional streams
             (one message each way per call) instead of one unary call each; a server without streams to spare
             is reached with unary calls either way.
+        data_plane (`bool`, *optional*, defaults to `True`): send stage calls as binary frames on the data-plane
+            port a server advertises in `Describe` (same TLS, certificates and token as gRPC; see
+            `hss_ee_hf.transport.frames`), keeping gRPC for everything else. Servers that advertise none, or whose data
+            port cannot be reached, get gRPC (streams, as `stream` says) either way.
 
     Example:
 
@@ -157,6 +162,7 @@ class HSSEEClientConfig:
     restart_window: float = DEFAULT_RESTART_WINDOW
     max_message_bytes: int | None = None
     stream: bool = True
+    data_plane: bool = True
     _token_value: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -227,6 +233,40 @@ class HSSEEClientConfig:
     def channel_options(self) -> list[tuple[str, Any]]:
         """gRPC channel options implied by this config (target-name override)."""
         return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The standard library TLS context of the data plane, from the same files as `channel_credentials`.
+
+        Only the CA in `tls_ca_cert` is trusted when it is set (as gRPC does), else the system's roots; the server
+        certificate must name the host (or `tls_server_name`); `tls_client_cert` is presented for mutual TLS.
+
+        Raises:
+            `SecurityConfigError`: a PEM file cannot be read or is not a certificate or key.
+        """
+        if not self.uses_tls:
+            return None
+        try:
+            if self.tls_ca_cert is not None:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                pem = _read_file(self.tls_ca_cert, "CA certificate", "--tls-ca").decode("ascii", errors="replace")
+                context.load_verify_locations(cadata=pem)
+            else:
+                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.tls_client_cert is not None:
+                _read_file(self.tls_client_cert, "client certificate", "--tls-cert")
+                _read_file(self.tls_client_key, "client key", "--tls-key")
+                context.load_cert_chain(self.tls_client_cert, self.tls_client_key)
+        except ssl.SSLError as err:
+            raise SecurityConfigError(
+                f"a TLS file is not a valid PEM certificate or key ({err.reason or err}); check `--tls-ca`, "
+                "`--tls-cert` and `--tls-key`"
+            ) from err
+        return context
+
+    def token_bytes(self) -> bytes:
+        """The bearer token as sent on the data plane (empty when none is set)."""
+        return self._token_value.encode("utf-8") if self._token_value else b""
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata sent with every call: the bearer token if one is set."""

@@ -25,13 +25,13 @@ import torch
 from ..artifacts.checkpoint import short
 from ..errors import TransportError
 from ..ring.sharing import Shares
-from .base import PROTOCOL_VERSION, Transport, bytes_to_share, scales_from_bytes
+from .base import PROTOCOL_VERSION, Transport, bytes_to_share
 from .config import DEFAULT_TIMEOUT, HSSEEClientConfig  # noqa: F401 - DEFAULT_TIMEOUT is re-exported
 from .endpoints import check_distinct_addresses, check_distinct_parties
 from .grpc_errors import ADVICE, error_code, rpc_error
 from .pools import grpc_target, parse_endpoints, tls_target_name
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
-from .replicas import describe_replicas
+from .replicas import describe_dict, describe_replicas
 from .restarts import may_retry, reconnect_options, wait_for_server
 from .service_config import client_channel_options
 from .streams import STREAM_LIMIT_DETAILS, StreamPool, Watchdog
@@ -263,29 +263,30 @@ class GrpcTransport(Transport):
         Returns:
             One dict per server, in endpoint order, with keys `endpoint`, `fingerprint`, `protocol_version`,
             `max_rows`, `instance_id`, `operator`, `stages` (stage name -> `(in_features, out_features)`, in
-            forward-pass order), `schedules` (stages per decoder layer offered) and `scales` (stage -> float64 output
-            scales, for the stages the server built itself).
+            forward-pass order), `schedules` (stages per decoder layer offered), `scales` (stage -> float64 output
+            scales, for the stages the server built itself) and `data_port` (the server's data-plane port, 0 when
+            it has none).
 
         Raises:
             `TransportError`: naming the server that could not be asked.
         """
         replies = self._call_both("Describe", (hss_ee_pb2.DescribeRequest(), hss_ee_pb2.DescribeRequest()))
-        return tuple(
-            {
-                "endpoint": endpoint,
-                "fingerprint": reply.fingerprint,
-                "protocol_version": reply.protocol_version,
-                "max_rows": reply.max_rows,
-                "instance_id": reply.instance_id,
-                "operator": reply.operator,
-                "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
-                "schedules": tuple(reply.schedules) or (4,),
-                "scales": {
-                    s.name: scales_from_bytes(s.scales, s.out_features, endpoint) for s in reply.stages if s.scales
-                },
-            }
-            for reply, endpoint in zip(replies, self.endpoints, strict=True)
-        )
+        return tuple(describe_dict(reply, endpoint) for reply, endpoint in zip(replies, self.endpoints, strict=True))
+
+    def describe_party(self, party: int) -> dict:
+        """Asks one server what it serves, once (no retries): its entry of [`describe`].
+
+        Raises:
+            `TransportError`: naming the server, when it did not answer.
+        """
+        endpoint = self.endpoints[party]
+        try:
+            reply = self._stubs[party].Describe(
+                hss_ee_pb2.DescribeRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise rpc_error(endpoint, err, self.config) from err
+        return describe_dict(reply, endpoint)
 
     def check_fingerprint(self, fingerprint: str) -> tuple[dict, dict]:
         """Checks that both servers serve the checkpoint `fingerprint` with this client's protocol version.

@@ -17,10 +17,27 @@ from typing import Any
 import grpc
 
 from ..errors import TransportError
+from .base import scales_from_bytes
 from .pools import PARTY_NAMES, PartyPools
 from .protos import hss_ee_pb2, hss_ee_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+
+def describe_dict(reply: hss_ee_pb2.DescribeReply, endpoint: str) -> dict:
+    """One server's `Describe` reply as the dict [`GrpcTransport.describe`] returns."""
+    return {
+        "endpoint": endpoint,
+        "fingerprint": reply.fingerprint,
+        "protocol_version": reply.protocol_version,
+        "max_rows": reply.max_rows,
+        "instance_id": reply.instance_id,
+        "operator": reply.operator,
+        "stages": {s.name: (s.in_features, s.out_features) for s in reply.stages},
+        "schedules": tuple(reply.schedules) or (4,),
+        "scales": {s.name: scales_from_bytes(s.scales, s.out_features, endpoint) for s in reply.stages if s.scales},
+        "data_port": reply.data_port,
+    }
 
 
 def _describe_one(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0chss_ee.proto\x12\thss_ee.v1\"{\n\x0cStageRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x0f\n\x05share\x18\x05 \x01(\x0cH\x00\x12\x0e\n\x04seed\x18\x06 \x01(\x0cH\x00\x42\x07\n\x05input\"\x1b\n\nStageReply\x12\r\n\x05share\x18\x01 \x01(\x0c\"\x11\n\x0f\x44\x65scribeRequest\"T\n\tStageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\r\x12\x14\n\x0cout_features\x18\x03 \x01(\r\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\"\xb0\x01\n\rDescribeReply\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12$\n\x06stages\x18\x03 \x03(\x0b\x32\x14.hss_ee.v1.StageInfo\x12\x10\n\x08max_rows\x18\x04 \x01(\x03\x12\x11\n\tschedules\x18\x05 \x03(\r\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x10\n\x08operator\x18\x07 \x01(\t2\xcb\x01\n\x0bShareServer\x12\x37\n\x05Stage\x12\x17.hss_ee.v1.StageRequest\x1a\x15.hss_ee.v1.StageReply\x12\x41\n\x0bStageStream\x12\x17.hss_ee.v1.StageRequest\x1a\x15.hss_ee.v1.StageReply(\x01\x30\x01\x12@\n\x08\x44\x65scribe\x12\x1a.hss_ee.v1.DescribeRequest\x1a\x18.hss_ee.v1.DescribeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0chss_ee.proto\x12\thss_ee.v1\"{\n\x0cStageRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x0f\n\x05share\x18\x05 \x01(\x0cH\x00\x12\x0e\n\x04seed\x18\x06 \x01(\x0cH\x00\x42\x07\n\x05input\"\x1b\n\nStageReply\x12\r\n\x05share\x18\x01 \x01(\x0c\"\x11\n\x0f\x44\x65scribeRequest\"T\n\tStageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\r\x12\x14\n\x0cout_features\x18\x03 \x01(\r\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\"\xc3\x01\n\rDescribeReply\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12$\n\x06stages\x18\x03 \x03(\x0b\x32\x14.hss_ee.v1.StageInfo\x12\x10\n\x08max_rows\x18\x04 \x01(\x03\x12\x11\n\tschedules\x18\x05 \x03(\r\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x10\n\x08operator\x18\x07 \x01(\t\x12\x11\n\tdata_port\x18\x08 \x01(\r2\xcb\x01\n\x0bShareServer\x12\x37\n\x05Stage\x12\x17.hss_ee.v1.StageRequest\x1a\x15.hss_ee.v1.StageReply\x12\x41\n\x0bStageStream\x12\x17.hss_ee.v1.StageRequest\x1a\x15.hss_ee.v1.StageReply(\x01\x30\x01\x12@\n\x08\x44\x65scribe\x12\x1a.hss_ee.v1.DescribeRequest\x1a\x18.hss_ee.v1.DescribeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO']._serialized_start=200
   _globals['_STAGEINFO']._serialized_end=284
   _globals['_DESCRIBEREPLY']._serialized_start=287
-  _globals['_DESCRIBEREPLY']._serialized_end=463
-  _globals['_SHARESERVER']._serialized_start=466
-  _globals['_SHARESERVER']._serialized_end=669
+  _globals['_DESCRIBEREPLY']._serialized_end=482
+  _globals['_SHARESERVER']._serialized_start=485
+  _globals['_SHARESERVER']._serialized_end=688
 # @@protoc_insertion_point(module_scope)
