@@ -33,10 +33,21 @@ def guide_blocks() -> list[tuple[str | None, str]]:
     return [(m.group(1), m.group(2)) for m in _BLOCK.finditer(GUIDE.read_text(encoding="utf-8"))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(taken: set[int]) -> int:
+    """A free port whose successor is free too: `hss-ee serve` puts its data plane on PORT+1 by default."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if {port, port + 1} & taken or port >= 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        taken.update((port, port + 1))
+        return port
 
 
 def _listening(port: int) -> bool:
@@ -56,7 +67,8 @@ def test_the_guide_marks_its_commands_for_testing():
 def test_deploy_guide_commands_run_on_loopback(tmp_path: Path):
     src = tmp_path / "tiny-src"
     save_tiny("llama", src)
-    ports = {host: _free_port() for host in HOSTS}
+    taken: set[int] = set()
+    ports = {host: _free_port(taken) for host in HOSTS}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["PYTHONPATH"] = str(Path(__file__).parent.parent)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import pipeline
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import convert_tiny  # noqa: E402
@@ -65,8 +66,14 @@ def test_pipeline_routes_loader_options_and_keeps_generation_flags(tiny) -> None
         assert generator("w5 w6")[0]["generated_text"].startswith("w5 w6")
 
 
-def test_long_prefill_shows_progress_and_equals_plaintext(tiny, capsys: pytest.CaptureFixture[str]) -> None:
+def test_long_prefill_shows_progress_and_equals_plaintext(
+    tiny, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
     original, folder, key, engine = tiny
+    # Progress bars on for this test (another test or library may have turned transformers' bars off process-wide).
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    request.addfinalizer(lambda: None if was_enabled else hf_logging.disable_progress_bar())
     ids = torch.arange(4, 24).unsqueeze(0)  # 20 rows per stage, 3 requests of at most 8
     with HSSEEForCausalLM.from_pretrained(folder, key=key, transport=InProcessTransport(engine), max_rows=8) as model:
         secure = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import traceback
 
 from ..errors import StageRequestError
@@ -117,7 +118,7 @@ class DataPlaneServer:
         return self
 
     def stop(self, grace: float | None = None) -> threading.Event:
-        """Stops accepting, lets calls in flight finish for up to `grace` seconds, then closes every connection.
+        """Stops accepting, serves the open connections for up to `grace` seconds, then closes every connection.
 
         Returns:
             `threading.Event`: set once every connection is closed.
@@ -131,12 +132,18 @@ class DataPlaneServer:
         except OSError:
             pass
         self._listener.close()
-        for sock in connections:
-            _shutdown_read(sock)  # an idle connection ends now; a busy one after sending its reply
+        deadline = time.monotonic() + (grace or 0.0)
 
         def finish() -> None:
+            # Open connections keep being served until the grace period ends, as gRPC keeps serving open streams:
+            # a generation in flight finishes its steps instead of failing on its next stage call. Then reads are
+            # shut (a busy connection ends after sending its reply) and whatever is left is closed.
+            for thread in connections.values():
+                thread.join(max(0.0, deadline - time.monotonic()))
+            for sock in connections:
+                _shutdown_read(sock)
             for sock, thread in connections.items():
-                thread.join(grace or 0)
+                thread.join(1.0)
                 if thread.is_alive():
                     _close(sock)
             for thread in connections.values():

@@ -149,6 +149,7 @@ class GrpcTransport(Transport):
         """
         endpoint = self.endpoints[party]
         attempt, started = 0, time.monotonic()
+        earlier: list[str] = []  # the details of failed attempts, for the advice of the final error
         while True:
             streamed = method == "Stage" and time.monotonic() >= self._unary_until[party]
             try:
@@ -175,6 +176,8 @@ class GrpcTransport(Transport):
                 ):
                     delay = self._backoff(attempt)
                     attempt += 1
+                    if len(earlier) < 3:  # the first few say why; later ones often only "failed to connect"
+                        earlier.append(err.details() if callable(getattr(err, "details", None)) else "")
                     with self._lock:
                         self.retried += 1
                     logger.debug(
@@ -188,9 +191,9 @@ class GrpcTransport(Transport):
                     )
                     # Back as soon as the server is: the wait ends when the channel reconnects.
                     if wait_for_server(self._channels[party], delay, abandon):  # the other party failed for good
-                        raise rpc_error(endpoint, err, self.config, attempts=attempt) from err
+                        raise rpc_error(endpoint, err, self.config, attempt, " ".join(earlier)) from err
                     continue
-                raise rpc_error(endpoint, err, self.config, attempts=attempt + 1) from err
+                raise rpc_error(endpoint, err, self.config, attempt + 1, " ".join(earlier)) from err
 
     def _stream_refused(self, party: int, code: grpc.StatusCode | None, err: grpc.RpcError) -> bool:
         """Whether a stream failed only because the server cannot open one; if so, go unary for a while."""

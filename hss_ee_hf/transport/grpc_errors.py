@@ -63,13 +63,19 @@ def unavailable_advice(endpoint: str, config: HSSEEClientConfig, details: str) -
     )
 
 
-def rpc_error(endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, attempts: int = 1) -> TransportError:
-    """Turns a failed call into a `TransportError` naming `endpoint`, the status and what to do."""
+def rpc_error(
+    endpoint: str, err: grpc.RpcError, config: HSSEEClientConfig, attempts: int = 1, earlier: str = ""
+) -> TransportError:
+    """Turns a failed call into a `TransportError` naming `endpoint`, the status and what to do.
+
+    `earlier` holds the details of the attempts before this one: after retries the last one may only say "failed to
+    connect", while the first told why (a refused TLS handshake, a plaintext server), which is what the advice needs.
+    """
     code = error_code(err)
     details = err.details() if callable(getattr(err, "details", None)) else None
     name = code.name if code is not None else "UNKNOWN"
     if name == "UNAVAILABLE":
-        advice = unavailable_advice(endpoint, config, details or "")
+        advice = unavailable_advice(endpoint, config, f"{details or ''} {earlier}")
     else:
         advice = ADVICE.get(name, "check the server's log")
     tried = f" (after {attempts} attempts)" if attempts > 1 else ""
