@@ -314,11 +314,21 @@ def serve(
     )
     if max_rows is None:
         fit_max_rows(engine)
-    if data_port is None:
-        data_port = port + 1 if port else 0
-    server, bound, health_servicer = _start(
-        engine, host, port, max_workers, security, operator=operator, data_port=data_port if data_plane else None
-    )
+    default_port = data_port is None
+    if default_port:
+        data_port = port + 1 if port and port < 65535 else 0
+    try:
+        server, bound, health_servicer = _start(
+            engine, host, port, max_workers, security, operator=operator, data_port=data_port if data_plane else None
+        )
+    except ShareServerError as err:
+        if not (default_port and data_plane and data_port and "data plane" in str(err)):
+            raise
+        # PORT+1 is taken (another server's port, often): any free port does, since clients learn it from Describe.
+        logger.warning("%s; the data plane listens on a free port instead (see Describe, or pass --data-port)", err)
+        server, bound, health_servicer = _start(
+            engine, host, port, max_workers, security, operator=operator, data_port=0
+        )
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
