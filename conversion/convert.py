@@ -158,7 +158,7 @@ def convert(
     verify: bool = True,
     ring: RingConfig | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    tolerance: float = 1e-4,
+    tolerance: float = 1e-3,
     base_model: str | None = None,
     license: str | None = None,
 ) -> ConversionResult:
@@ -176,7 +176,9 @@ def convert(
             the original does not fit in memory twice).
         ring (`RingConfig`, *optional*): ring parameters recorded in the checkpoint.
         shard_bytes (`int`, *optional*): maximum size of a server shard.
-        tolerance (`float`, *optional*): largest relative logit error verification accepts.
+        tolerance (`float`, *optional*, defaults to 1e-3): largest relative logit error verification accepts. A
+            broken recipe gives errors of order 1; float32 rounding over SmolLM2's 30 layers with a random rotation
+            reached 2.2e-4 for some keys, which the former 1e-4 refused.
         base_model (`str`, *optional*): Hub id of the original, recorded for model cards (defaults to `src`
             when it is a Hub id).
         license (`str`, *optional*): the original's license, recorded for model cards (defaults to the
