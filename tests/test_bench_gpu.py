@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ def test_gpu_bench_runs_on_a_tiny_shape_on_cpu(tmp_path):
     assert bench.main([*argv, "--out", str(out)]) == 0
     records = {r["side"]: r for r in map(json.loads, out.read_text().splitlines())}
     plain, secure = records["plaintext"], records["secure (client on CPU)"]
-    assert plain["decode_ms_per_token"] > 0 and secure["prefill_16_ms"] > 0
+    # The tiny plaintext's decode is a difference of two ~ms timings: on a busy runner it can come out below zero.
+    assert math.isfinite(plain["decode_ms_per_token"]) and plain["prefill_16_ms"] > 0
+    assert secure["decode_ms_per_token"] > 0 and secure["prefill_16_ms"] > 0
     assert secure["tokens"] == plain["tokens"]  # greedy tokens of the fp32 plaintext, through the int8 servers
     assert len(records["servers"]["memory"]) == 2 and all(m["rss_mb"] for m in records["servers"]["memory"])
     (part,) = records["stage split (one server)"]["split"]
