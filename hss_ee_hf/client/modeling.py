@@ -267,10 +267,11 @@ class HSSEEPreTrainedModel:
     def generate(self, *args: Any, **kwargs: Any):
         """transformers' own `generate()`, after refusing an empty prompt, a zero-size batch or a prompt past learned
         positions, and warning about one past a rotary model's context (see `inputs.py`), before any round trip; at
-        `hss_ee_client_threads` torch threads when that is set."""
+        `hss_ee_client_threads` torch threads when that is set, on one core with party B's thread when both servers
+        share this machine (`hss_ee_hf.transport.colocation`)."""
         client = self.hss_ee_client
         check_generate_inputs(self, args, kwargs, stages=len(client.in_features), max_rows=client.max_rows)
-        with torch_threads(self.hss_ee_client_threads):
+        with torch_threads(self.hss_ee_client_threads), client.transport.pinned():
             return super().generate(*args, **kwargs)
 
     @property

@@ -273,6 +273,9 @@ class VerifyingTransport(Transport):
         self.verifier.check(stage, shares.a if party == 0 else shares.b, y, self.endpoints[party])
         return y
 
+    def pinned(self):
+        return self.inner.pinned()
+
     def close(self) -> None:
         self.inner.close()
 

@@ -25,6 +25,7 @@ import traceback
 
 from ..errors import StageRequestError
 from ..ring.native import limit_threads
+from ..transport.colocation import follow_hint
 from ..transport.frames import (
     HEADER,
     HEADER_BYTES,
@@ -184,7 +185,8 @@ class DataPlaneServer:
         raw = sock
         try:
             # a client on this machine shares its cores: one kernel thread per product, none left waiting for a core
-            limit_threads(1 if _loopback_peer(sock) else None)
+            local = _loopback_peer(sock)
+            limit_threads(1 if local else None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             if self._ssl is not None:
@@ -195,7 +197,9 @@ class DataPlaneServer:
                         if thread is not None:
                             self._connections[sock] = thread
             reader = FrameReader(sock)
-            fingerprint, version = self._hello(sock, reader, refuse)
+            fingerprint, version, hint = self._hello(sock, reader, refuse)
+            if hint[0] and local:  # a client on this machine says where this thread should run
+                follow_hint(*hint)
             sock.settimeout(None)  # an authenticated connection may idle between calls, like an open stream
             self._serve(sock, reader, fingerprint, version)
         except FrameError as err:
@@ -214,13 +218,13 @@ class DataPlaneServer:
                     self._connections.pop(sock, None)
                     self._connections.pop(raw, None)
 
-    def _hello(self, sock: socket.socket, reader: FrameReader, refuse: bool) -> tuple[str, int]:
-        """Reads and checks the HELLO; returns the connection's `(fingerprint, protocol version)`.
+    def _hello(self, sock: socket.socket, reader: FrameReader, refuse: bool) -> tuple[str, int, tuple[int, int]]:
+        """Reads and checks the HELLO; returns the connection's `(fingerprint, protocol version, placement hint)`.
 
         Raises:
             `FrameError`: not a HELLO, a wrong token, or no slot free (the caller answers and closes).
         """
-        length, kind, _, version, _, _ = HEADER.unpack(reader.read(HEADER_BYTES))
+        length, kind, mode, version, _, core = HEADER.unpack(reader.read(HEADER_BYTES))
         if kind != HELLO or length > MAX_HELLO_BYTES:
             raise FrameError("the first frame is not an hss-ee data-plane HELLO", fatal=True)
         token, fingerprint = parse_hello(reader.read(length))
@@ -239,7 +243,7 @@ class DataPlaneServer:
         except UnicodeDecodeError:
             raise FrameError("the HELLO's fingerprint is not ASCII", fatal=True) from None
         sock.sendall(HEADER.pack(0, HELLO_OK, 0, version, 0, self.engine.max_rows))
-        return fingerprint_text, version
+        return fingerprint_text, version, (mode, core)
 
     def _serve(self, sock: socket.socket, reader: FrameReader, fingerprint: str, version: int) -> None:
         """The hot loop: read a frame, compute, reply. A refused request gets an ERROR and the loop goes on."""

@@ -11,6 +11,7 @@ process, same serialisation, no network) for tests and single-machine trials, an
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
@@ -138,6 +139,11 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases connections and threads."""
+
+    def pinned(self) -> contextlib.AbstractContextManager:
+        """A context in which the calling thread makes its stage calls (the data plane pins it to a core when the
+        servers share this machine; see `colocation.py`). Nothing by default."""
+        return contextlib.nullcontext()
 
     def __deepcopy__(self, memo):
         # A transport is a connection handle: copies of configs and kwargs (transformers deep-copies

@@ -11,10 +11,11 @@ Every frame is a 16-byte header and `length` more bytes:
 offset  size  field
 0       4     length      bytes after the header (little-endian u32)
 4       1     kind        HELLO, HELLO_OK, STAGE, REPLY or ERROR
-5       1     flag        STAGE: 0 = the body carries a share, 1 = a 32-byte seed; ERROR: status code
+5       1     flag        STAGE: 0 = the body carries a share, 1 = a 32-byte seed; ERROR: status code;
+                          HELLO: placement hint (0 none, 1 together, 2 apart; see `colocation.py`)
 6       2     short       HELLO, HELLO_OK: protocol version; STAGE: length of the stage name
 8       4     request_id  chosen by the client, echoed by the server (replies may be read out of order)
-12      4     word        STAGE, REPLY: rows; HELLO_OK: the server's max_rows
+12      4     word        STAGE, REPLY: rows; HELLO_OK: the server's max_rows; HELLO: the hint's core
 16      ...   body
 ```
 
@@ -100,12 +101,17 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         view = view[got:]
 
 
-def hello_frame(version: int, token: bytes, fingerprint: bytes) -> bytes:
-    """The first frame of a connection: magic, bearer token, expected checkpoint fingerprint."""
+def hello_frame(version: int, token: bytes, fingerprint: bytes, hint: tuple[int, int] = (0, 0)) -> bytes:
+    """The first frame of a connection: magic, bearer token, expected checkpoint fingerprint.
+
+    `hint` is `(mode, core)`: where a server on the same machine should run this connection's thread
+    ([`hss_ee_hf.transport.colocation`]); `(0, 0)` says nothing.
+    """
     if len(token) > MAX_TOKEN_BYTES or len(fingerprint) > MAX_FINGERPRINT_BYTES:
         raise ValueError(f"token or fingerprint too long (at most {MAX_TOKEN_BYTES} and {MAX_FINGERPRINT_BYTES})")
     body = HELLO_FIXED.pack(MAGIC, len(token), len(fingerprint)) + token + fingerprint
-    return HEADER.pack(len(body), HELLO, 0, version, 0, 0) + body
+    mode, core = hint
+    return HEADER.pack(len(body), HELLO, mode, version, 0, core) + body
 
 
 def parse_hello(body: memoryview) -> tuple[bytes, bytes]:

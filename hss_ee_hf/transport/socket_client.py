@@ -33,7 +33,9 @@ import torch
 
 from ..errors import TransportError
 from ..ring.sharing import Shares
+from . import colocation
 from .base import PendingShare, Transport
+from .config import _is_loopback
 from .frames import (
     padded_name,
 )
@@ -85,6 +87,13 @@ class DataPlaneTransport(Transport):
         self._connections: set[_Connection] = set()  # every open connection, for close()
         self._stage_names: dict[str, tuple[bytes, int]] = {}  # stage -> (padded UTF-8 name, its length)
         self._closed = False
+        # Client and servers on one machine: each calling thread gets a home core that party B's connection thread
+        # shares and party A's avoids (`colocation.py`); the thread runs there inside `pinned()`.
+        self.colocated = (
+            self.config.colocate
+            and all(host is not None and _is_loopback(e) for host, e in zip(self._hosts, self.endpoints, strict=True))
+            and colocation.supported()
+        )
 
     def __repr__(self) -> str:
         return f"DataPlaneTransport(endpoints={self.endpoints}, config={self.config!r})"
@@ -257,7 +266,8 @@ class DataPlaneTransport(Transport):
         port = self._port(party)
         if not port:
             raise _Unreachable("it advertises no data plane", hold=float("inf"))
-        conn = _Connection(self.endpoints[party], self._hosts[party], port, self, fingerprint)
+        hint = (colocation.APART if party == 0 else colocation.TOGETHER, self._home()) if self.colocated else (0, 0)
+        conn = _Connection(self.endpoints[party], self._hosts[party], port, self, fingerprint, hint)
         conns[party, fingerprint] = conn
         with self._lock:
             for old in [c for c in self._connections if not c.owner.is_alive()]:  # left by finished threads
@@ -265,6 +275,17 @@ class DataPlaneTransport(Transport):
                 self._connections.discard(old)
             self._connections.add(conn)
         return conn
+
+    def _home(self) -> int:
+        """The calling thread's home core (chosen once per thread)."""
+        home = self._local.__dict__.get("home")
+        if home is None:
+            home = self._local.home = colocation.home_cpu()
+        return home
+
+    def pinned(self):
+        """Runs the block on the calling thread's home core when client and servers share this machine."""
+        return colocation.pinned(self._home() if self.colocated else None)
 
     def _port(self, party: int) -> int:
         port = self._ports[party]

@@ -76,7 +76,9 @@ class _Connection:
     A lock guards it anyway: a reply asked for on one thread may be collected on another.
     """
 
-    def __init__(self, endpoint: str, host: str, port: int, transport: Transport, fingerprint: str):
+    def __init__(
+        self, endpoint: str, host: str, port: int, transport: Transport, fingerprint: str, hint: tuple[int, int]
+    ):
         self.endpoint, self.closed = endpoint, False
         self.owner = threading.current_thread()
         self.lock = threading.Lock()
@@ -98,7 +100,7 @@ class _Connection:
                 self.sock = sock = transport.ssl_context.wrap_socket(
                     sock, server_hostname=config.tls_server_name or host
                 )
-            sock.sendall(hello_frame(PROTOCOL_VERSION, config.token_bytes(), fingerprint.encode("ascii")))
+            sock.sendall(hello_frame(PROTOCOL_VERSION, config.token_bytes(), fingerprint.encode("ascii"), hint))
             self.reader = FrameReader(sock)
             length, kind, flag, _, _, _ = HEADER.unpack(self.reader.read(HEADER_BYTES))
             if kind == ERROR and length <= MAX_ERROR_MESSAGE_BYTES:
