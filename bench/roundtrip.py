@@ -4,7 +4,7 @@ Usage:
 
     python bench/roundtrip.py --model smollm2 --calls 2000
 
-Starts one `hss-ee serve` process and sends the same one-row request `--calls` times for a few stages of
+Starts two `hss-ee serve` processes and sends party B the same one-row request `--calls` times for a few stages of
 different widths, as unary gRPC calls (`HSSEEClientConfig(stream=False, data_plane=False)`), on a gRPC stream
 (`data_plane=False`) and on the data plane (the default). One JSON line per stage and mode: wall milliseconds per
 call, party B's product alone (`product_ms`, the same kernel timed in this process), the overhead beyond it
@@ -58,8 +58,8 @@ def product_ms(engine: StageEngine, stage: str, x: torch.Tensor, calls: int) -> 
     return 1000.0 * best
 
 
-def transport_for(mode: str, endpoint: str):
-    control = GrpcTransport((endpoint, endpoint), config=MODES[mode])
+def transport_for(mode: str, endpoints: tuple[str, str]):
+    control = GrpcTransport(endpoints, config=MODES[mode])
     return DataPlaneTransport(control) if mode == "dataplane" else control
 
 
@@ -77,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = HSSEECheckpointInfo.from_folder(ee).fingerprint
     engine = StageEngine(ee)
     me = psutil.Process()
-    with local_servers(ee, count=1, extra_args=["--threads", str(args.server_threads)]) as (endpoint,):
-        server = next(c for c in me.children(recursive=True) if "serve" in " ".join(c.cmdline()))
+    with local_servers(ee, extra_args=["--threads", str(args.server_threads)]) as endpoints:
+        port_b = endpoints[1].rsplit(":", 1)[1]
+        server = next(c for c in me.children(recursive=True) if port_b in c.cmdline())
         for mode in args.modes:
-            with transport_for(mode, endpoint) as transport:
+            # `pinned()`: the calling thread as `generate()` runs it (on one core with party B's thread when
+            # client and servers share this machine, the default; see hss_ee_hf/transport/colocation.py)
+            with transport_for(mode, endpoints) as transport, transport.pinned():
                 stages = transport.describe()[0]["stages"]
                 picks = [name for name in stages if name.startswith("layers.0.")] + ["lm_head"]
                 for stage in picks:
