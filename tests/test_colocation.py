@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -38,19 +37,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return plain, folder, key, StageEngine(folder, max_rows=64)
 
 
-def _data_threads() -> set[int]:
-    return {t.native_id for t in threading.enumerate() if t.name == "hss-ee-data"}
-
-
-def _hello_and_wait(port: int, fingerprint: str, hint: tuple[int, int]) -> tuple[socket.socket, int]:
+def _hello_and_wait(plane: DataPlaneServer, fingerprint: str, hint: tuple[int, int]) -> tuple[socket.socket, int]:
     """Opens a connection with `hint`; returns it and the native id of the server thread that serves it."""
-    before = _data_threads()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+    sock = socket.create_connection(("127.0.0.1", plane.port), timeout=5.0)
     sock.sendall(hello_frame(PROTOCOL_VERSION, b"", fingerprint.encode(), hint))
     length, kind, *_ = HEADER.unpack(FrameReader(sock).read(HEADER_BYTES))
     assert kind == HELLO_OK and length == 0
-    (tid,) = _data_threads() - before
-    return sock, tid
+    mine = sock.getsockname()
+    with plane._lock:
+        (thread,) = [t for s, t in plane._connections.items() if s.getpeername() == mine]
+    return sock, thread.native_id
 
 
 def test_hello_carries_the_hint_in_its_header():
@@ -69,13 +65,13 @@ def test_server_thread_follows_a_loopback_hint(tiny):
     core = max(allowed)
     plane = DataPlaneServer(engine).start()
     try:
-        together, tid = _hello_and_wait(plane.port, engine.fingerprint, (colocation.TOGETHER, core))
+        together, tid = _hello_and_wait(plane, engine.fingerprint, (colocation.TOGETHER, core))
         assert os.sched_getaffinity(tid) == {core}
-        apart, tid = _hello_and_wait(plane.port, engine.fingerprint, (colocation.APART, core))
+        apart, tid = _hello_and_wait(plane, engine.fingerprint, (colocation.APART, core))
         assert os.sched_getaffinity(tid) == allowed - {core}
         # a core this process may not use, an unknown mode, or no hint: the thread keeps every core
         for hint in ((colocation.TOGETHER, 4096), (7, core), (0, core)):
-            sock, tid = _hello_and_wait(plane.port, engine.fingerprint, hint)
+            sock, tid = _hello_and_wait(plane, engine.fingerprint, hint)
             assert os.sched_getaffinity(tid) == allowed
             sock.close()
         together.close()

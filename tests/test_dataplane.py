@@ -746,3 +746,25 @@ def test_party_a_chunks_grow_and_every_mask_row_is_used_once(tiny):
     for i, (x, (_, b)) in enumerate(zip(xs[1:], shares[1:], strict=True)):
         b = torch.frombuffer(bytearray(b), dtype=torch.int64).view(1, 64)
         assert torch.equal(b, codec.encode(x) - masks[i : i + 1])
+
+
+def test_prepared_products_outlive_the_deadline_between_calls(tiny, servers):
+    """A chunk asked for long before it is needed is read normally: the deadline bounds the wait, not the age."""
+    from hss_ee_hf.client.stage_client import StageClient
+
+    engine = tiny[3]
+    scale = torch.ones(128, dtype=torch.float64) / 1000
+    config = HSSEEClientConfig(timeout=0.3, retries=1)
+    transport = DataPlaneTransport(GrpcTransport(_endpoints(servers), config=config))
+    client = StageClient(transport, engine.info, {STAGE: scale}, {STAGE: 64}, max_rows=64)
+    reference = StageClient(InProcessTransport(engine), engine.info, {STAGE: scale}, {STAGE: 64}, precompute=False)
+    try:
+        for i in range(12):
+            x = torch.randn(1, 64, generator=torch.Generator().manual_seed(i))
+            assert torch.equal(client.run(STAGE, x), reference.run(STAGE, x))
+            if i in (4, 8):
+                time.sleep(0.5)  # longer than the deadline, with prepared chunks on the wire
+        assert client.stats.precomputed == 11
+    finally:
+        client.close()
+        transport.close()

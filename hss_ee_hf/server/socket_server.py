@@ -200,6 +200,7 @@ class DataPlaneServer:
             fingerprint, version, hint = self._hello(sock, reader, refuse)
             if hint[0] and local:  # a client on this machine says where this thread should run
                 follow_hint(*hint)
+            sock.sendall(HEADER.pack(0, HELLO_OK, 0, version, 0, self.engine.max_rows))
             sock.settimeout(None)  # an authenticated connection may idle between calls, like an open stream
             self._serve(sock, reader, fingerprint, version)
         except FrameError as err:
@@ -220,6 +221,8 @@ class DataPlaneServer:
 
     def _hello(self, sock: socket.socket, reader: FrameReader, refuse: bool) -> tuple[str, int, tuple[int, int]]:
         """Reads and checks the HELLO; returns the connection's `(fingerprint, protocol version, placement hint)`.
+
+        The caller answers `HELLO_OK` (after placing its thread as the hint says).
 
         Raises:
             `FrameError`: not a HELLO, a wrong token, or no slot free (the caller answers and closes).
@@ -242,7 +245,6 @@ class DataPlaneServer:
             fingerprint_text = fingerprint.decode("ascii")
         except UnicodeDecodeError:
             raise FrameError("the HELLO's fingerprint is not ASCII", fatal=True) from None
-        sock.sendall(HEADER.pack(0, HELLO_OK, 0, version, 0, self.engine.max_rows))
         return fingerprint_text, version, (mode, core)
 
     def _serve(self, sock: socket.socket, reader: FrameReader, fingerprint: str, version: int) -> None:

@@ -139,13 +139,12 @@ class DataPlaneTransport(Transport):
         except _Unreachable as err:
             self._fall_back(party, err)
             return PendingShare(self.control.run_party, *args)
-        deadline = time.monotonic() + self.timeout
         try:
             with conn.lock:
                 request_id = self._send(conn, party, stage, shares, out_features)
         except Exception as err:
             return PendingShare(self._recover, conn, err, *args)
-        return _PendingFrame(self, conn, request_id, deadline, args)
+        return _PendingFrame(self, conn, request_id, args)
 
     def run_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
         """Runs one stage on one server; see [`Transport.run_party`]."""

@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 DATA_PLANE_RETRY_SECONDS = 1.0
 # After a server had no data-plane connection slot free.
 SLOTS_RETRY_SECONDS = 10.0
-# A reply already on the wire is still read after its deadline passed, within this grace.
-_LATE_READ_SECONDS = 0.001
 
 
 class _Unreachable(Exception):
@@ -161,7 +159,7 @@ class _Connection:
                 if isinstance(got, _Refused):
                     raise got
                 return got
-            self.sock.settimeout(max(deadline - time.monotonic(), _LATE_READ_SECONDS))
+            self.sock.settimeout(max(deadline - time.monotonic(), 1e-6))
             self._read_frame()
 
     def _read_frame(self) -> None:
@@ -203,19 +201,22 @@ class _Connection:
 
 
 class _PendingFrame(PendingShare):
-    """A request on the wire; `result()` reads its reply (retrying the call if the connection broke meanwhile)."""
+    """A request on the wire; `result()` reads its reply (retrying the call if the connection broke meanwhile).
 
-    __slots__ = ("_transport", "_conn", "_request_id", "_deadline", "_call_args")
+    The deadline runs from `result()`: a prepared request may be collected long after it was sent, its reply
+    waiting in the socket since; what must not exceed the timeout is the wait for it.
+    """
 
-    def __init__(self, transport, conn, request_id, deadline, call_args):
-        self._transport, self._conn, self._request_id = transport, conn, request_id
-        self._deadline, self._call_args = deadline, call_args
+    __slots__ = ("_transport", "_conn", "_request_id", "_call_args")
+
+    def __init__(self, transport, conn, request_id, call_args):
+        self._transport, self._conn, self._request_id, self._call_args = transport, conn, request_id, call_args
 
     def result(self) -> torch.Tensor:
         conn = self._conn
         try:
             with conn.lock:
-                y = conn.receive(self._request_id, self._deadline)
+                y = conn.receive(self._request_id, time.monotonic() + self._transport.timeout)
             self._transport.data_plane_calls += 1
             return y
         except Exception as err:
