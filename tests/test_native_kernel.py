@@ -3,14 +3,18 @@
 `test_ring.py` proves every kernel against a big-integer reference on small random problems; this
 file covers what only the native kernel has: its four-row SIMD blocks and their tails, the split of
 output rows over threads, non-contiguous inputs, the 2-byte weight it reads, and what happens when
-no compiler is there.
+no compiler is there. Every path compiled into `ring_kernel.c` (AVX-512 VNNI, AVX2, scalar) is built
+explicitly where this CPU can run it and checked on odd shapes and extreme values.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +209,123 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_folder(fresh_kern
     private.chmod(0o777)  # a folder others may write to: no code is loaded from it
     with pytest.raises(NativeKernelError, match="not a private folder"):
         native.load_native_kernel("native")
+
+
+W_MIN = -(1 << 15)  # only the kernel itself takes it (RingWeight refuses |w| >= 2^15); u = 0
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def _expected_path(flags: set[str]) -> int:
+    if {"avx512bw", "avx512_vnni"} <= flags:
+        return 4
+    return 1 if "avx2" in flags else 0
+
+
+def _offset(w: torch.Tensor) -> torch.Tensor:
+    """The kernel's 2-byte weight u = w + 2^15, as RingWeight holds it."""
+    return (w.to(torch.int16) ^ W_MIN).contiguous()
+
+
+@pytest.fixture(scope="module")
+def kernel_builds(tmp_path_factory) -> dict[str, native.NativeRingKernel]:
+    """The kernel built for each path this CPU can run: `-march=native`, AVX2 only (x86-64-v3), scalar (x86-64)."""
+    folder = tmp_path_factory.mktemp("paths")
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    flags = _cpu_flags()
+    marches = {"native": "native"}
+    if platform.machine() in ("x86_64", "AMD64"):
+        marches["scalar"] = "x86-64"
+        if {"avx2", "bmi2", "fma", "movbe"} <= flags:
+            marches["avx2"] = "x86-64-v3"
+    built = {}
+    for name, march in marches.items():
+        path = folder / f"ring_kernel-{name}.so"
+        cmd = [cc, *[f for f in native._FLAGS if not f.startswith("-march")], f"-march={march}", str(native._SOURCE)]
+        result = subprocess.run([*cmd, "-o", str(path)], capture_output=True, text=True)
+        if result.returncode != 0 and name != "native":  # an older compiler without this -march level
+            continue
+        assert result.returncode == 0, result.stderr
+        built[name] = native.NativeRingKernel(path)
+    return built
+
+
+def test_each_build_reports_its_simd_path(kernel_builds):
+    assert native.SIMD_PATHS[kernel_builds["native"].simd_path]  # a known path
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert kernel_builds["native"].simd_path == _expected_path(_cpu_flags())
+    if "scalar" in kernel_builds:
+        assert kernel_builds["scalar"].simd_path == 0 and not kernel_builds["scalar"].simd
+    if "avx2" in kernel_builds:
+        assert kernel_builds["avx2"].simd_path == 1 and kernel_builds["avx2"].simd
+
+
+def test_the_loaded_kernel_is_the_native_build(fresh_kernel_state):
+    kernel = native.load_native_kernel("native")
+    assert native.SIMD_PATHS[kernel.simd_path] in ("scalar", "avx2", "avx512vnni")
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert kernel.simd_path == _expected_path(_cpu_flags())
+
+
+def _extreme(rows: int, in_features: int, out_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random shares and weights with every extreme value on every row and column pattern."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(INT64_MIN, INT64_MAX, (rows, in_features), generator=g)
+    specials = torch.tensor([INT64_MIN, INT64_MAX, -1, 0, 1, INT64_MIN + 1, (1 << 32) - 1, -(1 << 32)])
+    x[0] = specials[torch.arange(in_features) % len(specials)]
+    if rows > 1:
+        x[1] = INT64_MIN
+    if rows > 2:
+        x[2] = INT64_MAX
+    if rows > 3:
+        x[3] = -1
+    w = torch.randint(W_MIN, -W_MIN, (out_features, in_features), generator=g)
+    w[0] = torch.tensor([W_MAX, -W_MAX, W_MIN])[torch.arange(in_features) % 3]
+    if out_features > 1:
+        w[1] = W_MIN
+    if out_features > 2:
+        w[2] = W_MAX
+    if out_features > 3:
+        w[3] = -W_MAX
+    return x, w
+
+
+@pytest.mark.parametrize("path", ["native", "avx2", "scalar"])
+@pytest.mark.parametrize("in_features", [0, 1, 7, 8, 9, 15, 17, 31, 32, 33, 992, 993, 4097])
+def test_every_path_on_odd_shapes_and_extreme_values(kernel_builds, path, in_features):
+    if path not in kernel_builds:
+        pytest.skip(f"this CPU cannot run the {path} build")
+    kernel = kernel_builds[path]
+    for rows in (1, 2, 3, 5, 17):
+        x, w = _extreme(rows, in_features, 9, seed=rows * 10_000 + in_features)
+        for out_features in range(1, 10):
+            wo = w[:out_features].contiguous()
+            y = kernel.matmul(x, _offset(wo))
+            assert torch.equal(y, x @ wo.T), (path, rows, in_features, out_features)
+
+
+@pytest.mark.parametrize("path", ["native", "avx2", "scalar"])
+def test_every_path_at_the_lane_bound(kernel_builds, path):
+    """VNNI's worst case: every low digit at its most negative (-2^10, -2^10, -2^9) against w = -2^15 (and +2^15-1)
+    over several 992-input chunks, so each 32-bit lane reaches 31 * 2^26 before it is widened."""
+    if path not in kernel_builds:
+        pytest.skip(f"this CPU cannot run the {path} build")
+    lane_max = -(1 << 10) - (1 << 21) - (1 << 31)  # digits d0 = d1 = -2^10, d2 = -2^9, d3 = d4 = -1
+    for in_features in (992, 993, 1024, 4097):
+        x = torch.full((3, in_features), lane_max)
+        x[1] = INT64_MIN
+        x[2, ::2] = INT64_MAX
+        w = torch.full((6, in_features), W_MIN)
+        w[1] = W_MAX
+        w[2, ::2] = W_MAX
+        w[3] = -W_MAX
+        w[4, 1::2] = W_MAX
+        assert torch.equal(kernel_builds[path].matmul(x, _offset(w)), x @ w.T), (path, in_features)

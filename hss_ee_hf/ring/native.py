@@ -1,11 +1,22 @@
 """The native ring kernel: `ring_kernel.c`, compiled once per machine and called through ctypes.
 
 Decode is memory-bound: a server reads every weight once per token. The float64 kernel of
-[`RingWeight`] reads 8 bytes per weight; the native one reads the 16-bit integer itself (2 bytes)
-and multiplies it into the 64-bit share with AVX2 `vpmuludq` (see the comment atop `ring_kernel.c`
-for why that is exact mod 2^64). It is built the first time a server needs it with the system C
-compiler (`cc -O3 -march=native`), cached under `~/.cache/hss_ee_hf/kernels` (or
-`$HSS_EE_KERNEL_CACHE`) by a hash of the source, the compiler and the CPU, and loaded with ctypes,
+[`RingWeight`] reads 8 bytes per weight; the native one reads the 16-bit integer itself (2 bytes).
+Prefill (many rows) is compute-bound. The C file holds three paths, chosen when it is compiled for
+this CPU (`-march=native`) and reported by `hss_ee_kernel_simd()` as [`NativeRingKernel.simd_path`]:
+
+* `4` (`"avx512vnni"`, AVX512BW + AVX512VNNI): x is rewritten once per call as five signed 16-bit
+  digits, `x = d0 + 2^11 d1 + 2^22 d2 + 2^32 d3 + 2^48 d4 mod 2^64`, and `vpdpwssd` multiplies 32 digits
+  by 32 weights (read as int16, `u ^ 0x8000`) per instruction into 32-bit lanes. The two high digits
+  only matter mod 2^32, which the wrapping lanes keep; the three low digits (at most 11 bits) cannot
+  overflow a lane within 992 inputs, after which the lanes are widened to 64 bits. Exact mod 2^64.
+* `1` (`"avx2"`): `vpmuludq` on the low and high 32 bits of x against the offset weight `u = w + 2^15`,
+  `x*w = xl*u + 2^32 (xh*u) - 2^15 x mod 2^64`, each product below 2^48. Exact mod 2^64.
+* `0` (`"scalar"`): the same identity in plain 64-bit C arithmetic.
+
+The comment atop `ring_kernel.c` has the full exactness argument. It is built the first time a server
+needs it with the system C compiler (`cc -O3 -march=native`), cached under `~/.cache/hss_ee_hf/kernels`
+(or `$HSS_EE_KERNEL_CACHE`) by a hash of the source, the compiler and the CPU, and loaded with ctypes,
 which releases the GIL while it runs. Without a compiler the servers keep the float64 kernel.
 
 Set `HSS_EE_KERNEL=float64` to keep the float64 kernel, or `HSS_EE_KERNEL=native` to make a failed
@@ -36,6 +47,8 @@ _SOURCE = Path(__file__).with_name("ring_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
 # Below this many multiply-adds a second thread costs more to start than it saves.
 _THREAD_MIN_MACS = 1 << 20
+# What `hss_ee_kernel_simd()` returns: the path compiled into the kernel.
+SIMD_PATHS = {0: "scalar", 1: "avx2", 4: "avx512vnni"}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _limits = threading.local()  # per calling thread: the most kernel threads its products may use
@@ -112,12 +125,16 @@ def _build() -> Path:
 
 
 class NativeRingKernel:
-    """The loaded shared library: `matmul(x, u)` with `u` the offset 16-bit weight."""
+    """The loaded shared library: `matmul(x, u)` with `u` the offset 16-bit weight.
+
+    `simd_path` is the compiled path (a key of `SIMD_PATHS`); `simd` is whether it is any SIMD path.
+    """
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         self.path = path
-        self.simd = bool(lib.hss_ee_kernel_simd())
+        self.simd_path = int(lib.hss_ee_kernel_simd())  # a key of SIMD_PATHS
+        self.simd = self.simd_path != 0
         self._fn = lib.hss_ee_ring_matmul
         self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._fn.restype = ctypes.c_int
@@ -130,16 +147,17 @@ class NativeRingKernel:
         y = torch.empty(n, out_features, dtype=torch.int64)
         if n == 0:
             return y
-        scratch = torch.empty_like(x)
+        # the AVX2 and scalar paths keep x >> 32 here; the VNNI path allocates its own digit planes
+        scratch = None if self.simd_path == 4 else torch.empty_like(x)
         macs = n * in_features * out_features
         threads = torch.get_num_threads() if macs >= _THREAD_MIN_MACS else 1
         cap = getattr(_limits, "threads", None)
         if cap is not None:
             threads = max(1, min(threads, cap))
-        pointers = (x.data_ptr(), scratch.data_ptr(), u.data_ptr(), y.data_ptr())
+        pointers = (x.data_ptr(), scratch.data_ptr() if scratch is not None else None, u.data_ptr(), y.data_ptr())
         rc = self._fn(*pointers, n, in_features, out_features, threads)
         if rc != 0:
-            raise MemoryError(f"the native ring kernel could not allocate {n} row sums")
+            raise MemoryError(f"the native ring kernel could not allocate its per-call buffers for {n} rows")
         return y
 
 
