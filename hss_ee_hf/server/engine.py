@@ -185,8 +185,10 @@ class StageEngine:
         share: bytes | None = None,
         seed: bytes | None = None,
         version: int = PROTOCOL_VERSION,
-    ) -> bytes:
-        """Validates a request and returns this server's output share as little-endian int64 bytes.
+    ) -> memoryview:
+        """Validates a request and returns this server's output share as little-endian int64 bytes: a byte view of
+        the product's own memory, not a copy (the data plane sends it as it is; a long prompt's products are tens of
+        megabytes; gRPC copies it into its reply).
 
         Args:
             fingerprint (`str`): the checkpoint the client expects.
@@ -210,7 +212,7 @@ class StageEngine:
             x = torch.frombuffer(buf if buf is not None else bytearray(share), dtype=torch.int64)
             x = x.view(rows, weight.in_features)
         y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
-        out = y.cpu().numpy().tobytes()
+        out = memoryview(y.cpu().contiguous().numpy()).cast("B")
         if rows >= TRIM_ROWS:
             # A long prompt's buffers would otherwise stay in glibc's arenas for the life of the process.
             del x, y

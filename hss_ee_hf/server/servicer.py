@@ -120,7 +120,7 @@ class ShareServicer(hss_ee_pb2_grpc.ShareServerServicer):
             )
             logger.error("stage request failed with %s at %s", type(err).__name__, where)
             context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_DETAILS)
-        return hss_ee_pb2.StageReply(share=out)
+        return hss_ee_pb2.StageReply(share=bytes(out))
 
     def StageStream(
         self, requests: Iterator[hss_ee_pb2.StageRequest], context: grpc.ServicerContext
