@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transport.geometry import ConvGeometry
 from .stage_client import StageClient
 
 
@@ -88,10 +89,12 @@ def _add_dtype_placeholder(module: nn.Module) -> None:
 class RemoteConv2d(nn.Module):
     """A convolution computed on the share servers as one matrix product over im2col patches.
 
-    The client unfolds the input into `(N * L, C_in * kh * kw)` patches in the order of `weight.reshape(out, -1)`,
-    the servers multiply them by the flattened EE kernel like any linear stage, and the client folds the result
-    back into `(N, C_out, H_out, W_out)` and adds the bias. Zero padding is applied before sharing (it is part of
-    the client's plaintext input).
+    On a transport that carries feature maps (the data plane, in-process) the client shares the `(N, C, H, W)` input
+    itself and each server unfolds its share into `(N * L, C_in * kh * kw)` patches in the order of
+    `weight.reshape(out, -1)` (`hss_ee_hf/transport/geometry.py`): 9x fewer bytes for a 3x3 convolution. Otherwise
+    (gRPC, `verify=True`, a stage shared by several convolutions) the client unfolds the patches and shares those.
+    The servers multiply them by the flattened EE kernel like any linear stage, and the client folds the result
+    back into `(N, C_out, H_out, W_out)` and adds the bias.
 
     Args:
         fused (`FusedStage`): the stage this convolution is.
@@ -120,11 +123,15 @@ class RemoteConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        geometry = zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride, strict=True)
-        out_hw = [(size + 2 * pad - dil * (k - 1) - 1) // st + 1 for size, pad, dil, k, st in geometry]
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        y = self.fused.output(self.part, cols.transpose(1, 2))  # (N, L, C_out)
-        y = y.transpose(1, 2).reshape(n, self.out_channels, *out_hw)
+        geometry = ConvGeometry.of(self, h, w)
+        out_hw = geometry.out_hw
+        y = None
+        if len(self.fused.widths) == 1:  # the servers unfold the feature map when the transport can carry it
+            y = self.fused.client.run_map(self.fused.stage, x, geometry)
+        if y is None:
+            cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+            y = self.fused.output(self.part, cols.transpose(1, 2))  # (N, L, C_out)
+        y = y.reshape(n, -1, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, *out_hw)
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 
     def extra_repr(self) -> str:

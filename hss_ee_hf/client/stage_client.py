@@ -31,7 +31,8 @@ from ..artifacts.checkpoint import HSSEECheckpointInfo
 from ..errors import CheckpointError, TransportError
 from ..ring.fixed_point import StageCodec
 from ..ring.sharing import Shares, mask_for, share, share_with
-from ..transport.base import Transport
+from ..transport.base import FeatureMapsUnavailable, Transport
+from ..transport.geometry import GEOMETRY_BYTES, ConvGeometry
 from .prepared import PreparedProducts
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class StageClient:
         self.pad_rows = 0  # > 0: calls of fewer rows are padded to this many (constant-shape drafted passes)
         self.stats = StageStats()
         self._codecs: dict[str, StageCodec] = {}
+        self._widest = 0  # the widest stage side: with max_rows, the servers' bound on one request
         # On a pipelined transport, party A's products prepared in chunks; otherwise (stage, rows) -> a future of one
         # background worker (party A is one server and its requests need no parallelism).
         self._pipelined = precompute and transport.pipelined
@@ -178,6 +180,52 @@ class StageClient:
         if not x.is_cpu:
             y = y.to(device=x.device)
         return y.reshape(*x.shape[:-1], codec.out_features)
+
+    def run_map(self, stage: str, x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor | None:
+        """A convolution stage on `(N, C, H, W)` feature maps that the servers unfold (see `geometry.py`).
+
+        Returns:
+            `(N * H_out * W_out, out_features)` in the dtype of `x`, or `None` when the transport cannot carry
+            feature maps now (the caller unfolds and calls [`run`]).
+
+        Raises:
+            `RingOverflowError`, `TransportError`: as [`run`].
+        """
+        if not self.transport.feature_maps or not x.is_cpu:
+            return None
+        codec = self._codecs.get(stage) or self._codec(stage)
+        geometry.check(codec.in_features)
+        n = x.shape[0]
+        widest = self._widest or max(max(self.in_features.get(s, 0), c.numel()) for s, c in self.scales.items())
+        self._widest = widest
+        if n * geometry.patches * max(codec.in_features, codec.out_features) > self.max_rows * widest:
+            return None  # more than the servers compute in one request (their rule): unfold and split instead
+        start = time.perf_counter()
+        maps = x.detach().reshape(n, geometry.map_elements)
+        encoded = codec.encode(maps if maps.is_contiguous() else maps.contiguous())
+        shares = share(encoded)
+        shared = time.perf_counter()
+        try:
+            y_a, y_b = self.transport.run_stage(
+                self.info.fingerprint, stage, shares, codec.out_features, geometry=geometry
+            )
+        except FeatureMapsUnavailable as err:
+            logger.debug("feature maps unavailable for %s (%s); unfolding on the client", stage, err)
+            return None
+        received = time.perf_counter()
+        y = codec.decode(y_a, y_b, x.dtype)
+        st = self.stats
+        with self._lock:
+            st.share_seconds += shared - start
+            st.wait_seconds += received - shared
+            st.decode_seconds += time.perf_counter() - received
+            st.round_trips += 1
+            st.rows += y.shape[0]
+            st.bytes_sent += len(shares.seed) + shares.b.numel() * 8 + GEOMETRY_BYTES
+            st.bytes_received += 2 * y.numel() * 8
+            st.seconds += time.perf_counter() - start
+            st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
+        return y
 
     def _codec(self, stage: str) -> StageCodec:
         scale = self.scales.get(stage)

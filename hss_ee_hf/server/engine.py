@@ -23,10 +23,12 @@ from ..ring.csprng import SEED_BYTES
 from ..ring.matmul import RingBlocks, RingWeight
 from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
+from ..transport.geometry import ConvGeometry
 from .batching import StageBatcher
 from .memory import TRIM_ROWS, release_after_large_request, release_freed_memory, use_mmap_for_large_buffers
 from .options import DEFAULT_MAX_ROWS, check_engine_options, load_server_config, resolve_device
 from .placement import load_stage_weights
+from .unfold import unfold_share
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +129,7 @@ class StageEngine:
     @property
     def max_message_bytes(self) -> int:
         """Largest request or reply payload this engine can produce or accept."""
-        widest = max(max(w.in_features, w.out_features) for w in self.weights.values())
-        return self.max_rows * widest * 8
+        return self.max_rows * _widest(self.weights) * 8
 
     def describe(self) -> dict[str, tuple[int, int]]:
         """Stage name -> `(in_features, out_features)`."""
@@ -140,9 +141,19 @@ class StageEngine:
         return self.fused_scales.get(stage)
 
     def validate(
-        self, fingerprint: str, stage: str, rows: int, share: bytes | None, seed: bytes | None, version: int
+        self,
+        fingerprint: str,
+        stage: str,
+        rows: int,
+        share: bytes | None,
+        seed: bytes | None,
+        version: int,
+        geometry: ConvGeometry | None = None,
     ) -> RingWeight | RingBlocks:
-        """Checks a request before any compute; raises `StageRequestError` with the matching status code."""
+        """Checks a request before any compute; raises `StageRequestError` with the matching status code.
+
+        With `geometry` the request carries `rows` images' feature maps, which the server unfolds into patches.
+        """
         if version != PROTOCOL_VERSION:
             raise StageRequestError(
                 f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION}); "
@@ -161,7 +172,20 @@ class StageEngine:
             raise StageRequestError(f"unknown stage {stage!r}; this checkpoint has stages like {first!r}")
         if not 0 < rows:
             raise StageRequestError(f"rows must be positive, got {rows}")
-        if rows > self.max_rows:
+        if geometry is not None:
+            try:
+                geometry.check(weight.in_features)
+            except ValueError as err:
+                raise StageRequestError(f"stage {stage}: {err}") from None
+            # the patches must fit what an unfolded request of `max_rows` rows could have carried
+            patch_rows = rows * geometry.patches
+            if patch_rows * max(weight.in_features, weight.out_features) > self.max_rows * _widest(self.weights):
+                raise StageRequestError(
+                    f"{rows} images of {geometry.height}x{geometry.width} make {patch_rows} patches, more than this "
+                    f"server computes in one request; send fewer images per request",
+                    code="RESOURCE_EXHAUSTED",
+                )
+        elif rows > self.max_rows:
             raise StageRequestError(
                 f"{rows} rows exceed this server's limit of {self.max_rows}; send fewer tokens per request",
                 code="RESOURCE_EXHAUSTED",
@@ -170,10 +194,11 @@ class StageEngine:
             raise StageRequestError("a request carries exactly one of a share or a seed")
         if seed is not None and len(seed) != SEED_BYTES:
             raise StageRequestError(f"a seed is {SEED_BYTES} bytes, got {len(seed)}")
-        expected = rows * weight.in_features * 8
+        width = weight.in_features if geometry is None else geometry.map_elements
+        expected = rows * width * 8
         if share is not None and len(share) != expected:
             raise StageRequestError(
-                f"stage {stage} expects {rows} x {weight.in_features} int64 = {expected} bytes, got {len(share)}"
+                f"stage {stage} expects {rows} x {width} int64 = {expected} bytes, got {len(share)}"
             )
         return weight
 
@@ -185,6 +210,7 @@ class StageEngine:
         share: bytes | None = None,
         seed: bytes | None = None,
         version: int = PROTOCOL_VERSION,
+        geometry: ConvGeometry | None = None,
     ) -> memoryview:
         """Validates a request and returns this server's output share as little-endian int64 bytes: a byte view of
         the product's own memory, not a copy (the data plane sends it as it is; a long prompt's products are tens of
@@ -198,19 +224,24 @@ class StageEngine:
                 buffer (`bytearray`, or a `memoryview` of one, as the data plane passes) is read in place, not
                 copied; it must stay unchanged until this call returns.
             seed (`bytes`, *optional*): instead of `share`, a 32-byte seed that expands to it.
+            geometry (`ConvGeometry`, *optional*): the share is `rows` images' `(C, H, W)` feature maps of a
+                convolution stage; the server unfolds them (the reply has `rows * H_out * W_out` rows).
             version (`int`, *optional*): the client's protocol version.
 
         Raises:
             `StageRequestError`: the request is invalid (nothing was computed).
         """
-        weight = self.validate(fingerprint, stage, rows, share, seed, version)
+        weight = self.validate(fingerprint, stage, rows, share, seed, version, geometry)
+        width = weight.in_features if geometry is None else geometry.map_elements
         if seed is not None:
-            x = expand_share(seed, (rows, weight.in_features))
+            x = expand_share(seed, (rows, width))
         else:
             # gRPC hands over immutable bytes, which torch cannot view without a (warning and a) copy
             buf = share if isinstance(share, (bytearray, memoryview)) and not memoryview(share).readonly else None
             x = torch.frombuffer(buf if buf is not None else bytearray(share), dtype=torch.int64)
-            x = x.view(rows, weight.in_features)
+            x = x.view(rows, width)
+        if geometry is not None:
+            x = unfold_share(x.view(rows, geometry.channels, geometry.height, geometry.width), geometry)
         y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
         out = memoryview(y.cpu().contiguous().numpy()).cast("B")
         if rows >= TRIM_ROWS:
@@ -218,3 +249,7 @@ class StageEngine:
             del x, y
             release_after_large_request()
         return out
+
+
+def _widest(weights) -> int:
+    return max(max(w.in_features, w.out_features) for w in weights.values())

@@ -31,6 +31,8 @@ from ..transport.frames import (
     HEADER_BYTES,
     HELLO,
     HELLO_OK,
+    INPUT_MAP_SEED,
+    INPUT_MAP_SHARE,
     INPUT_SEED,
     INPUT_SHARE,
     MAX_HELLO_BYTES,
@@ -44,6 +46,7 @@ from ..transport.frames import (
     padded,
     parse_hello,
 )
+from ..transport.geometry import GEOMETRY_BYTES, ConvGeometry
 from .engine import StageEngine
 from .security import HSSEEServerSecurity
 
@@ -270,12 +273,20 @@ class DataPlaneServer:
                 if stage is None:
                     stage = raw_name.decode("utf-8", errors="replace")  # the engine refuses it with its message
                 payload = body[offset:]
+                geometry = None
+                if flag in (INPUT_MAP_SHARE, INPUT_MAP_SEED):  # a feature map: its geometry comes first
+                    try:
+                        geometry = ConvGeometry.unpack(payload[:GEOMETRY_BYTES])
+                    except ValueError as err:
+                        raise FrameError(str(err)) from None
+                    payload, flag = payload[GEOMETRY_BYTES:], flag - INPUT_MAP_SHARE
+                extra = {} if geometry is None else {"geometry": geometry}
                 if flag == INPUT_SHARE:
-                    out = compute(fingerprint, stage, rows, share=payload, version=version)
+                    out = compute(fingerprint, stage, rows, share=payload, version=version, **extra)
                 elif flag == INPUT_SEED:
-                    out = compute(fingerprint, stage, rows, seed=bytes(payload), version=version)
+                    out = compute(fingerprint, stage, rows, seed=bytes(payload), version=version, **extra)
                 else:
-                    raise FrameError(f"unknown input kind {flag} (0: share, 1: seed)")
+                    raise FrameError(f"unknown input kind {flag} (0: share, 1: seed, 2: feature map, 3: its seed)")
             except (StageRequestError, FrameError) as err:
                 code = getattr(err, "code", "INVALID_ARGUMENT")
                 details = str(err)[:_MAX_DETAILS_CHARS]

@@ -41,8 +41,12 @@ class StageHandler(Protocol):
         share: bytes | None = None,
         seed: bytes | None = None,
         version: int = PROTOCOL_VERSION,
+        geometry=None,
     ) -> bytes:
-        """Returns the little-endian int64 bytes of this party's `(rows, out_features)` output share."""
+        """Returns the little-endian int64 bytes of this party's `(rows, out_features)` output share.
+
+        With `geometry` (a `ConvGeometry`, `geometry.py`) the input is `rows` images' feature maps, which the handler
+        unfolds; the output then has `rows * patches` rows."""
         ...
 
 
@@ -87,11 +91,18 @@ class PendingShare:
         """Gives up on the reply (it is dropped when it arrives)."""
 
 
+class FeatureMapsUnavailable(NotImplementedError):
+    """A feature-map request cannot be carried now (a server's data plane is unreachable); unfold and ask again."""
+
+
 class Transport(ABC):
     """Carries one stage's shares to the two servers and their output shares back."""
 
     endpoints: tuple[str, str]
     pipelined: bool = False
+    feature_maps: bool = False
+    """Whether `run_stage` takes `geometry=`: a convolution's input as feature maps that the servers unfold
+    (`geometry.py`); otherwise the client unfolds them into patches."""
     """Whether `send_party` sends at once and the reply waits on the wire for `result()`: the client then asks for
     party A's next products that way instead of from a background thread."""
 

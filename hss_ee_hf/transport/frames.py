@@ -11,7 +11,8 @@ Every frame is a 16-byte header and `length` more bytes:
 offset  size  field
 0       4     length      bytes after the header (little-endian u32)
 4       1     kind        HELLO, HELLO_OK, STAGE, REPLY or ERROR
-5       1     flag        STAGE: 0 = the body carries a share, 1 = a 32-byte seed; ERROR: status code;
+5       1     flag        STAGE: 0 = the body carries a share, 1 = a 32-byte seed, 2 / 3 = a convolution's 48-byte
+                          geometry then a feature-map share / a seed (`geometry.py`); ERROR: status code;
                           HELLO: placement hint (0 none, 1 together, 2 apart; see `colocation.py`)
 6       2     short       HELLO, HELLO_OK: protocol version; STAGE: length of the stage name
 8       4     request_id  chosen by the client, echoed by the server (replies may be read out of order)
@@ -45,6 +46,8 @@ HELLO_FIXED = struct.Struct("<4sHH")
 HELLO, HELLO_OK, STAGE, REPLY, ERROR = 1, 2, 3, 4, 5
 KIND_NAMES = {HELLO: "HELLO", HELLO_OK: "HELLO_OK", STAGE: "STAGE", REPLY: "REPLY", ERROR: "ERROR"}
 INPUT_SHARE, INPUT_SEED = 0, 1
+# A feature map and its convolution geometry (`geometry.py`) instead of rows: the server unfolds it.
+INPUT_MAP_SHARE, INPUT_MAP_SEED = 2, 3
 # Status names as gRPC spells them, so both planes report failures alike; an ERROR frame carries the index.
 STATUS_NAMES = (
     "UNKNOWN",
@@ -147,7 +150,14 @@ def padded_name(stage: str) -> bytes:
 
 
 def stage_header(
-    buf: bytearray, request_id: int, stage: bytes, rows: int, seed: bool, payload_bytes: int, name_len: int = -1
+    buf: bytearray,
+    request_id: int,
+    stage: bytes,
+    rows: int,
+    seed: bool,
+    payload_bytes: int,
+    name_len: int = -1,
+    feature_map: bool = False,
 ) -> int:
     """Writes a STAGE header and the stage name at the start of `buf`; returns the payload's offset.
 
@@ -156,7 +166,7 @@ def stage_header(
     if name_len < 0:
         name_len, stage = len(stage), stage + bytes(padded(len(stage)) - len(stage))
     offset = HEADER_BYTES + len(stage)
-    flag = INPUT_SEED if seed else INPUT_SHARE
+    flag = (INPUT_MAP_SEED if seed else INPUT_MAP_SHARE) if feature_map else (INPUT_SEED if seed else INPUT_SHARE)
     HEADER.pack_into(buf, 0, len(stage) + payload_bytes, STAGE, flag, name_len, request_id, rows)
     buf[HEADER_BYTES:offset] = stage
     return offset

@@ -20,27 +20,34 @@ class InProcessTransport(Transport):
             saves memory; the two parties still receive independent messages).
     """
 
+    feature_maps = True
+
     def __init__(self, engine_a: StageHandler, engine_b: StageHandler | None = None):
         self.engines = (engine_a, engine_b or engine_a)
         self.endpoints = ("in-process:A", "in-process:B")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hss-ee-inproc")
 
-    def _call(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> torch.Tensor:
+    def _call(
+        self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int, geometry=None
+    ) -> torch.Tensor:
         rows = shares.a.shape[0]
         # party A (0) is sent the 32-byte seed of its share, party B (1) its share
         payload = {"seed": shares.seed} if party == 0 else {"share": shares.b.numpy().tobytes()}
+        if geometry is not None:  # feature maps: the engine unfolds them
+            payload["geometry"] = geometry
         try:
             raw = self.engines[party].compute(fingerprint, stage, rows, version=PROTOCOL_VERSION, **payload)
         except StageRequestError as err:
             raise TransportError(self.endpoints[party], f"{err.code}: {err}") from err
-        return bytes_to_share(raw, rows, out_features, self.endpoints[party])
+        result_rows = rows if geometry is None else rows * geometry.patches
+        return bytes_to_share(raw, result_rows, out_features, self.endpoints[party])
 
     def run_party(self, party, fingerprint, stage, shares, out_features):
         return self._call(party, fingerprint, stage, shares, out_features)
 
-    def run_stage(self, fingerprint, stage, shares, out_features):
-        fut_a = self._pool.submit(self._call, 0, fingerprint, stage, shares, out_features)
-        fut_b = self._pool.submit(self._call, 1, fingerprint, stage, shares, out_features)
+    def run_stage(self, fingerprint, stage, shares, out_features, geometry=None):
+        fut_a = self._pool.submit(self._call, 0, fingerprint, stage, shares, out_features, geometry)
+        fut_b = self._pool.submit(self._call, 1, fingerprint, stage, shares, out_features, geometry)
         return fut_a.result(), fut_b.result()
 
     def describe(self) -> tuple[dict, dict]:

@@ -34,11 +34,12 @@ import torch
 from ..errors import TransportError
 from ..ring.sharing import Shares
 from . import colocation
-from .base import PendingShare, Transport
+from .base import FeatureMapsUnavailable, PendingShare, Transport
 from .config import _is_loopback
 from .frames import (
     padded_name,
 )
+from .geometry import ConvGeometry
 from .grpc_client import GrpcTransport
 from .grpc_errors import ADVICE, unavailable_advice
 from .socket_connection import _Broken, _Connection, _host_of, _PendingFrame, _Refused, _Unreachable
@@ -65,6 +66,7 @@ class DataPlaneTransport(Transport):
     """
 
     pipelined = True
+    feature_maps = True
 
     def __init__(self, control: GrpcTransport):
         self.control = control
@@ -127,21 +129,33 @@ class DataPlaneTransport(Transport):
 
     # --- stage calls -----------------------------------------------------------------------------------------
 
-    def send_party(self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int) -> PendingShare:
+    def send_party(
+        self,
+        party: int,
+        fingerprint: str,
+        stage: str,
+        shares: Shares,
+        out_features: int,
+        geometry: ConvGeometry | None = None,
+    ) -> PendingShare:
         """Sends one server its part of a stage now; `result()` of the handle reads the reply.
 
         Party 0 (A) is sent `shares.seed`, party 1 (B) `shares.b`. When the server's data plane cannot take it,
-        the handle makes the call over gRPC inside `result()`.
+        the handle makes the call over gRPC inside `result()`. With `geometry` the shares are `(images, C * H * W)`
+        feature maps that the server unfolds; gRPC cannot carry those, so then an unreachable data plane raises
+        [`FeatureMapsUnavailable`] (the client unfolds and asks again).
         """
-        args = (party, fingerprint, stage, shares, out_features)
+        args = (party, fingerprint, stage, shares, out_features, geometry)
         try:
             conn = self._connection(party, fingerprint)
         except _Unreachable as err:
             self._fall_back(party, err)
-            return PendingShare(self.control.run_party, *args)
+            if geometry is not None:
+                raise FeatureMapsUnavailable(f"{self.endpoints[party]}: {err}") from None
+            return PendingShare(self.control.run_party, *args[:5])
         try:
             with conn.lock:
-                request_id = self._send(conn, party, stage, shares, out_features)
+                request_id = self._send(conn, party, stage, shares, out_features, geometry)
         except Exception as err:
             return PendingShare(self._recover, conn, err, *args)
         return _PendingFrame(self, conn, request_id, args)
@@ -151,14 +165,27 @@ class DataPlaneTransport(Transport):
         return self.send_party(party, fingerprint, stage, shares, out_features).result()
 
     def run_stage(
-        self, fingerprint: str, stage: str, shares: Shares, out_features: int
+        self,
+        fingerprint: str,
+        stage: str,
+        shares: Shares,
+        out_features: int,
+        geometry: ConvGeometry | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sends to both servers, then reads both replies; see [`Transport.run_stage`].
+        """Sends to both servers, then reads both replies; see [`Transport.run_stage`] (and [`send_party`] for
+        `geometry`).
 
         Raises:
             `TransportError`: naming the server that failed (party A first when both have).
+            `FeatureMapsUnavailable`: `geometry` was given and a server's data plane cannot be reached.
         """
-        pending = [self.send_party(party, fingerprint, stage, shares, out_features) for party in (0, 1)]
+        maps = () if geometry is None else (geometry,)
+        first = self.send_party(0, fingerprint, stage, shares, out_features, *maps)
+        try:
+            pending = [first, self.send_party(1, fingerprint, stage, shares, out_features, *maps)]
+        except BaseException:
+            first.cancel()
+            raise
         try:
             y_a = pending[0].result()
         except BaseException:
@@ -166,17 +193,26 @@ class DataPlaneTransport(Transport):
             raise
         return y_a, pending[1].result()
 
-    def _send(self, conn: _Connection, party: int, stage: str, shares: Shares, out_features: int) -> int:
+    def _send(
+        self, conn: _Connection, party: int, stage: str, shares: Shares, out_features: int, geometry=None
+    ) -> int:
         name = self._stage_names.get(stage)
         if name is None:
             name = self._stage_names[stage] = (padded_name(stage), len(stage.encode("utf-8")))
         rows = shares.a.shape[0]
-        if party == 0:
-            return conn.send(name, rows, shares.seed, None, out_features, self.timeout)
-        return conn.send(name, rows, None, shares.b.contiguous(), out_features, self.timeout)
+        packed, result_rows = (b"", None) if geometry is None else (geometry.pack(), rows * geometry.patches)
+        seed, share = (shares.seed, None) if party == 0 else (None, shares.b.contiguous())
+        return conn.send(name, rows, seed, share, out_features, self.timeout, packed, result_rows)
 
     def _call(
-        self, party: int, fingerprint: str, stage: str, shares: Shares, out_features: int, attempt: int = 0
+        self,
+        party: int,
+        fingerprint: str,
+        stage: str,
+        shares: Shares,
+        out_features: int,
+        geometry: ConvGeometry | None = None,
+        attempt: int = 0,
     ) -> torch.Tensor:
         """One call with the gRPC path's retry rules (see the module docstring); `attempt` retries were made."""
         endpoint = self.endpoints[party]
@@ -186,11 +222,13 @@ class DataPlaneTransport(Transport):
                 conn = self._connection(party, fingerprint)
             except _Unreachable as err:
                 self._fall_back(party, err)
+                if geometry is not None:
+                    raise FeatureMapsUnavailable(f"{endpoint}: {err}") from None
                 return self.control.run_party(party, fingerprint, stage, shares, out_features)
             deadline = time.monotonic() + self.timeout
             try:
                 with conn.lock:
-                    request_id = self._send(conn, party, stage, shares, out_features)
+                    request_id = self._send(conn, party, stage, shares, out_features, geometry)
                     y = conn.receive(request_id, deadline)
                 self.data_plane_calls += 1
                 return y
@@ -221,7 +259,15 @@ class DataPlaneTransport(Transport):
             time.sleep(delay)
 
     def _recover(
-        self, conn: _Connection, err: Exception, party: int, fingerprint: str, stage: str, shares, out_features: int
+        self,
+        conn: _Connection,
+        err: Exception,
+        party: int,
+        fingerprint: str,
+        stage: str,
+        shares,
+        out_features: int,
+        geometry: ConvGeometry | None = None,
     ) -> torch.Tensor:
         """A pipelined request failed: report a deadline or a refusal, otherwise make the call again."""
         endpoint = self.endpoints[party]
@@ -237,11 +283,11 @@ class DataPlaneTransport(Transport):
                 raise TransportError(endpoint, f"UNAVAILABLE: {err.details}; {advice}") from None
             self._retried += 1
             time.sleep(self.control._backoff(0))
-            return self._call(party, fingerprint, stage, shares, out_features, attempt=1)
+            return self._call(party, fingerprint, stage, shares, out_features, geometry, attempt=1)
         if not isinstance(err, (OSError, _Broken)):
             raise err
         self._discard(conn)  # the next attempt opens a fresh connection at once
-        return self._call(party, fingerprint, stage, shares, out_features)
+        return self._call(party, fingerprint, stage, shares, out_features, geometry)
 
     # --- connections ------------------------------------------------------------------------------------------
 

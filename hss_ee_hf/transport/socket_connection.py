@@ -81,8 +81,8 @@ class _Connection:
         self.owner = threading.current_thread()
         self.lock = threading.Lock()
         self.next_id = 1
-        self.waiting: dict[int, tuple[int, int]] = {}  # request id -> (rows, out_features)
-        self.dropped: dict[int, tuple[int, int]] = {}  # abandoned requests whose reply is read and discarded
+        self.waiting: dict[int, tuple[int, int, int]] = {}  # request id -> (rows sent, reply rows, out_features)
+        self.dropped: dict[int, tuple[int, int, int]] = {}  # abandoned requests whose reply is read and discarded
         self.arrived: dict[int, torch.Tensor | _Refused] = {}
         self.out = bytearray(1 << 16)
         self.out_view = memoryview(self.out)
@@ -126,23 +126,38 @@ class _Connection:
             self.close()
             raise
 
-    def send(self, stage: tuple[bytes, int], rows: int, seed: bytes | None, share, out: int, timeout: float) -> int:
+    def send(
+        self,
+        stage: tuple[bytes, int],
+        rows: int,
+        seed: bytes | None,
+        share,
+        out: int,
+        timeout: float,
+        geometry: bytes = b"",
+        result_rows: int | None = None,
+    ) -> int:
         """Writes one STAGE frame; returns its request id. The caller holds `self.lock`.
 
-        `stage` is `(padded name, name length)`; party B's `share` is a contiguous int64 tensor.
+        `stage` is `(padded name, name length)`; party B's `share` is a contiguous int64 tensor; `geometry` is a
+        packed [`ConvGeometry`] when the share is `rows` images' feature maps, whose reply has `result_rows` rows.
         """
         request_id = self.next_id
         self.next_id = request_id + 1 if request_id < 0xFFFFFFFF else 1
         payload = seed if seed is not None else memoryview(share.numpy()).cast("B")
-        need = HEADER_BYTES + len(stage[0]) + len(payload)
+        need = HEADER_BYTES + len(stage[0]) + len(geometry) + len(payload)
         if len(self.out) < need:
             self.out = bytearray(max(need, 2 * len(self.out)))
             self.out_view = memoryview(self.out)
-        offset = stage_header(self.out, request_id, stage[0], rows, seed is not None, len(payload), stage[1])
+        body = len(geometry) + len(payload)
+        offset = stage_header(self.out, request_id, stage[0], rows, seed is not None, body, stage[1], bool(geometry))
+        if geometry:
+            self.out_view[offset : offset + len(geometry)] = geometry
+            offset += len(geometry)
         self.out_view[offset:need] = payload
         self.sock.settimeout(timeout)
         self.sock.sendall(self.out_view[:need])
-        self.waiting[request_id] = (rows, out)
+        self.waiting[request_id] = (rows, result_rows or rows, out)
         return request_id
 
     def receive(self, request_id: int, deadline: float) -> torch.Tensor:
@@ -171,9 +186,10 @@ class _Connection:
             if shape is None:
                 raise _Broken(f"a reply to request {request_id}, which was never sent")
         if kind == REPLY:
-            if rows != shape[0] or length != shape[0] * shape[1] * 8:
-                raise _Broken(f"a reply of {length} bytes for {rows} rows, expected {shape[0] * shape[1] * 8}")
-            y = torch.empty(shape, dtype=torch.int64)
+            header_rows, result_rows, out = shape
+            if rows != header_rows or length != result_rows * out * 8:
+                raise _Broken(f"a reply of {length} bytes for {rows} rows, expected {result_rows * out * 8}")
+            y = torch.empty((result_rows, out), dtype=torch.int64)
             self.reader.read_into(memoryview(y.numpy()).cast("B"))
             if keep:
                 self.arrived[request_id] = y
