@@ -37,6 +37,9 @@ from hss_ee_hf.artifacts.checkpoint import FORMAT_VERSION, combine_digests, tens
 
 # float32 forward passes of the original and the EE model differ only by rounding of the rotated sums
 REL_TOL = 1e-4
+# SmolLM2's 30 layers accumulate more of that rounding: 2.2e-4 was seen for some keys. The converter accepts 1e-3 (a
+# broken recipe errs by order 1).
+SMOLLM2_REL_TOL = 1e-3
 NEW_TOKENS = 16
 CLIENT_SHARD = "model-client.safetensors"
 SCALES_FILE = "hss_ee_scales.safetensors"
@@ -458,7 +461,7 @@ def smollm2(tmp_path_factory):
 @pytest.mark.slow
 def test_smollm2_conversion_verifies(smollm2):
     result, _ = smollm2
-    assert result.max_rel_logit_diff is not None and result.max_rel_logit_diff <= REL_TOL
+    assert result.max_rel_logit_diff is not None and result.max_rel_logit_diff <= SMOLLM2_REL_TOL
     key = EEKey.load(result.key_path)
     assert key.fingerprint == result.fingerprint == HSSEECheckpointInfo.from_folder(result.output).fingerprint
     assert stat.S_IMODE(result.key_path.stat().st_mode) == 0o600
@@ -480,7 +483,7 @@ def test_smollm2_greedy_generation_matches(smollm2):
     assert ids.shape[1] >= 3
 
     err = rel_error(ee(pi[ids]).logits[..., pi], original(ids).logits)
-    assert err <= REL_TOL, f"relative logit error {err:.3g} > {REL_TOL}"
+    assert err <= SMOLLM2_REL_TOL, f"relative logit error {err:.3g} > {SMOLLM2_REL_TOL}"
 
     eos = original.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos

@@ -131,7 +131,11 @@ class RemoteConv2d(nn.Module):
         if y is None:
             cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
             y = self.fused.output(self.part, cols.transpose(1, 2))  # (N, L, C_out)
-        y = y.reshape(n, -1, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, *out_hw)
+        y = (
+            y.reshape(n, out_hw[0] * out_hw[1], self.out_channels)
+            .transpose(1, 2)
+            .reshape(n, self.out_channels, *out_hw)
+        )
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 
     def extra_repr(self) -> str:

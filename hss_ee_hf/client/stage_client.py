@@ -196,6 +196,8 @@ class StageClient:
         codec = self._codecs.get(stage) or self._codec(stage)
         geometry.check(codec.in_features)
         n = x.shape[0]
+        if n == 0:  # no images: no patches, as in plaintext; nothing to send
+            return x.new_zeros(0, codec.out_features)
         widest = self._widest or max(max(self.in_features.get(s, 0), c.numel()) for s, c in self.scales.items())
         self._widest = widest
         if n * geometry.patches * max(codec.in_features, codec.out_features) > self.max_rows * widest:

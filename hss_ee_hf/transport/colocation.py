@@ -13,7 +13,8 @@ run, in the HELLO's otherwise unused fields: party B's thread runs **together** 
 home core, party A's **apart** from it (every other core the server may use). The client pins its calling thread to
 that core while it generates (and restores its cores after). A server follows a hint only from a loopback peer, and
 only for that connection's thread; a hint naming a core the server may not use is ignored. Nothing about the data
-is in it. Turn it off with `HSSEEClientConfig(colocate=False)` or `HSS_EE_COLOCATE=0`.
+is in it. A thread started from inside `generate()` (say, by a streamer's callback) inherits the one core. Turn it
+off with `HSSEEClientConfig(colocate=False)` or `HSS_EE_COLOCATE=0`.
 """
 
 from __future__ import annotations
