@@ -41,7 +41,7 @@ from ..transport.config import HSSEEClientConfig, _is_loopback
 from .drafting import DraftingMixin
 from .inputs import check_generate_inputs
 from .load_checks import check_vocab, load_client_config, load_client_state, open_shard
-from .options import torch_threads, unknown_option_error
+from .options import place_forward_passes, torch_threads, unknown_option_error
 from .remote_layers import FusedStage, PermutedEmbedding, RemoteConv2d, RemoteLinear, UnpermutedHead
 from .schedule import apply_schedule, check_request
 from .stage_client import StageClient
@@ -263,6 +263,8 @@ class HSSEEPreTrainedModel:
         self.hss_ee_client, self.hss_ee_key, self.hss_ee_info = stage_client, ee_key, info
         if all(_is_loopback(e) for e in transport.endpoints):
             self.hss_ee_client_threads = 1
+        if self._task == "image-classification":  # called directly, not through generate()
+            place_forward_passes(self)
 
     def generate(self, *args: Any, **kwargs: Any):
         """transformers' own `generate()`, after refusing an empty prompt, a zero-size batch or a prompt past learned
@@ -367,7 +369,8 @@ class HSSEEForImageClassification(HSSEEPreTrainedModel):
     `HSSEEForImageClassification.from_pretrained(...)` returns a subclass of this class and of the checkpoint's
     class (`ResNetForImageClassification`, `ViTForImageClassification`); calling it returns the usual
     `ImageClassifierOutput` with logits in the original label order. Convolutions run on the servers as ring
-    matrix products over im2col patches; ReLU, pooling, LayerNorm, GELU and attention run on the client.
+    matrix products over feature maps the servers unfold (over im2col patches on gRPC); ReLU, pooling, LayerNorm,
+    GELU and attention run on the client.
 
     Example:
 

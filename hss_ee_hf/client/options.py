@@ -11,8 +11,10 @@ keeps the two equal), which the pipelines also route to the loader. A new option
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import threading
 from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -87,3 +89,27 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def place_forward_passes(model) -> None:
+    """Runs each top-level forward pass of `model` as `generate()` runs: at `model.hss_ee_client_threads` torch
+    threads and, when both servers share this machine, on one core with party B's thread (`colocation.py`).
+
+    Used for models called directly (image classifiers); hooks rather than a `forward` override, so transformers still
+    reads the checkpoint class's own `forward` signature.
+    """
+    local = threading.local()
+
+    def enter(module, args, kwargs):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch_threads(model.hss_ee_client_threads))
+        stack.enter_context(model.hss_ee_client.transport.pinned())
+        local.__dict__.setdefault("stacks", []).append(stack)
+
+    def leave(module, args, kwargs, output):
+        stacks = local.__dict__.get("stacks")
+        if stacks:
+            stacks.pop().close()
+
+    model.register_forward_pre_hook(enter, with_kwargs=True)
+    model.register_forward_hook(leave, with_kwargs=True, always_call=True)
