@@ -216,18 +216,28 @@ class StageClient:
             return None
         received = time.perf_counter()
         y = codec.decode(y_a, y_b, x.dtype)
-        st = self.stats
-        with self._lock:
-            st.share_seconds += shared - start
-            st.wait_seconds += received - shared
-            st.decode_seconds += time.perf_counter() - received
-            st.round_trips += 1
-            st.rows += y.shape[0]
-            st.bytes_sent += len(shares.seed) + shares.b.numel() * 8 + GEOMETRY_BYTES
-            st.bytes_received += 2 * y.numel() * 8
-            st.seconds += time.perf_counter() - start
-            st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
+        sent = len(shares.seed) + shares.b.numel() * 8 + GEOMETRY_BYTES
+        self._count(stage, y.shape[0], sent, y, (start, shared, received, 0.0))
         return y
+
+    def _count(
+        self, stage: str, rows: int, sent: int, y: torch.Tensor, marks: tuple[float, float, float, float]
+    ) -> None:
+        """Adds one stage call to the counters. `marks` is `(start, shared, received, waited)`: encoding and sharing
+        until `shared` (less the `waited` for party A), both servers until `received`, then decoding."""
+        start, shared, received, waited = marks
+        now = time.perf_counter()
+        st = self.stats
+        with self._lock:  # `+=` on shared counters is not atomic across threads
+            st.share_seconds += shared - start - waited
+            st.wait_seconds += received - shared + waited
+            st.decode_seconds += now - received
+            st.round_trips += 1
+            st.rows += rows
+            st.bytes_sent += sent
+            st.bytes_received += 2 * y.numel() * 8
+            st.seconds += now - start
+            st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
 
     def _codec(self, stage: str) -> StageCodec:
         scale = self.scales.get(stage)
@@ -381,15 +391,5 @@ class StageClient:
             self._schedule(stage, rows, in_features, out_features)
         received = time.perf_counter()
         y = codec.decode(y_a, y_b, dtype)
-        st = self.stats
-        with self._lock:  # `+=` on shared counters is not atomic across threads
-            st.share_seconds += shared - start - waited
-            st.wait_seconds += received - shared + waited
-            st.decode_seconds += time.perf_counter() - received
-            st.round_trips += 1
-            st.rows += rows
-            st.bytes_sent += len(shares.seed) + shares.b.numel() * 8
-            st.bytes_received += 2 * y.numel() * 8
-            st.seconds += time.perf_counter() - start
-            st.per_stage[stage] = st.per_stage.get(stage, 0) + 1
+        self._count(stage, rows, len(shares.seed) + shares.b.numel() * 8, y, (start, shared, received, waited))
         return y

@@ -104,6 +104,8 @@ class StageEngine:
                 held = [(cols, RingWeight(w, device=self.device, kernel=kernel)) for cols, w in blocks]
                 self.weights[fused.name] = RingBlocks(held)
                 self.fused_scales[fused.name] = scale
+        # the widest side of any stage: with max_rows (which the gRPC server may lower), the payload limit
+        self.widest = max((max(w.in_features, w.out_features) for w in self.weights.values()), default=0)
         self.batcher = StageBatcher(batch_window_ms / 1000.0, max_rows) if batch_window_ms > 0 else None
         # Loading (and hashing) copied every tensor once; hand those freed pages back before serving.
         release_freed_memory()
@@ -129,7 +131,7 @@ class StageEngine:
     @property
     def max_message_bytes(self) -> int:
         """Largest request or reply payload this engine can produce or accept."""
-        return self.max_rows * _widest(self.weights) * 8
+        return self.max_rows * self.widest * 8
 
     def describe(self) -> dict[str, tuple[int, int]]:
         """Stage name -> `(in_features, out_features)`."""
@@ -179,7 +181,7 @@ class StageEngine:
                 raise StageRequestError(f"stage {stage}: {err}") from None
             # the patches must fit what an unfolded request of `max_rows` rows could have carried
             patch_rows = rows * geometry.patches
-            if patch_rows * max(weight.in_features, weight.out_features) > self.max_rows * _widest(self.weights):
+            if patch_rows * max(weight.in_features, weight.out_features) > self.max_rows * self.widest:
                 raise StageRequestError(
                     f"{rows} images of {geometry.height}x{geometry.width} make {patch_rows} patches, more than this "
                     f"server computes in one request; send fewer images per request",
@@ -249,7 +251,3 @@ class StageEngine:
             del x, y
             release_after_large_request()
         return out
-
-
-def _widest(weights) -> int:
-    return max(max(w.in_features, w.out_features) for w in weights.values())
