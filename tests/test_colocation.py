@@ -45,7 +45,7 @@ def _hello_and_wait(plane: DataPlaneServer, fingerprint: str, hint: tuple[int, i
     assert kind == HELLO_OK and length == 0
     mine = sock.getsockname()
     with plane._lock:
-        (thread,) = [t for s, t in plane._connections.items() if s.getpeername() == mine]
+        (thread,) = [t for s, t in plane._connections.items() if s.fileno() != -1 and s.getpeername() == mine]
     return sock, thread.native_id
 
 

@@ -214,13 +214,13 @@ class DataPlaneServer:
         except Exception as err:  # a bug must end this connection, never the server
             logger.error("data plane: connection failed with %s at %s", type(err).__name__, _where(err))
         finally:
-            _close(sock)
-            with self._lock:
+            with self._lock:  # forget the socket before closing it: nobody may find a closed socket in the table
                 if refuse:
                     self._refusing -= 1
                 else:
                     self._connections.pop(sock, None)
                     self._connections.pop(raw, None)
+            _close(sock)
 
     def _hello(self, sock: socket.socket, reader: FrameReader, refuse: bool) -> tuple[str, int, tuple[int, int]]:
         """Reads and checks the HELLO; returns the connection's `(fingerprint, protocol version, placement hint)`.
