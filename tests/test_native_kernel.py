@@ -1,10 +1,10 @@
 """The native ring kernel (`ring_kernel.c`): exact against the int64 reference, and a clean fallback.
 
-`test_ring.py` proves every kernel against a big-integer reference on small random problems; this
-file covers what only the native kernel has: its four-row SIMD blocks and their tails, the split of
-output rows over threads, non-contiguous inputs, the 2-byte weight it reads, and what happens when
-no compiler is there. Every path compiled into `ring_kernel.c` (AVX-512 VNNI, AVX2, scalar) is built
-explicitly where this CPU can run it and checked on odd shapes and extreme values.
+`test_ring.py` proves every kernel against a big-integer reference on small random problems; this file covers what only
+the native kernel has: its SIMD blocks (four output rows with VNNI, two with AVX2) and their tails, the split of output
+rows over threads, non-contiguous inputs, the 2-byte weight it reads, and what happens when no compiler is there. Every
+path compiled into `ring_kernel.c` (AVX-512 VNNI, AVX2, scalar) is built explicitly where this CPU can run it and
+checked on odd shapes and extreme values.
 """
 
 from __future__ import annotations
@@ -314,8 +314,9 @@ def test_every_path_on_odd_shapes_and_extreme_values(kernel_builds, path, in_fea
 
 @pytest.mark.parametrize("path", ["native", "avx2", "scalar"])
 def test_every_path_at_the_lane_bound(kernel_builds, path):
-    """VNNI's worst case: every low digit at its most negative (-2^10, -2^10, -2^9) against w = -2^15 (and +2^15-1)
-    over several 992-input chunks, so each 32-bit lane reaches 31 * 2^26 before it is widened."""
+    """The digit paths' worst case: every low digit at its most negative (-2^10, -2^10, -2^9) against w = -2^15 (and
+    +2^15-1) over several chunks (992 inputs with VNNI, 496 with AVX2), so each 32-bit lane reaches 31 * 2^26 before
+    it is widened. A build with 32 steps per chunk fails this test on both paths."""
     if path not in kernel_builds:
         pytest.skip(f"this CPU cannot run the {path} build")
     lane_max = -(1 << 10) - (1 << 21) - (1 << 31)  # digits d0 = d1 = -2^10, d2 = -2^9, d3 = d4 = -1

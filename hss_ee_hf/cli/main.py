@@ -142,9 +142,10 @@ class ServeCommand(Command):
             "--kernel",
             choices=["auto", "native", "float64", "int8"],
             default=None,
-            help="ring kernel: native (CPU: 2-byte weights, AVX2, built once with the system C compiler), int8 "
-            "(2-byte weights as two int8 limbs, torch._int_mm on tensor cores), float64 (three 22-bit limbs through "
-            "float64 GEMM), or auto: int8 on CUDA, native on CPU when it builds (default: $HSS_EE_KERNEL or auto)",
+            help="ring kernel: native (CPU: 2-byte weights, AVX-512 VNNI or AVX2, built once with the system C "
+            "compiler), int8 (2-byte weights as two int8 limbs, torch._int_mm on tensor cores), float64 (three "
+            "22-bit limbs through float64 GEMM), or auto: int8 on CUDA, native on CPU when it builds (default: "
+            "$HSS_EE_KERNEL or auto)",
         )
         p.add_argument(
             "--operator",

@@ -1,7 +1,7 @@
 """The ring Z_2^64 and additive sharing (DESIGN.md §4): pure math, no network, no model.
 
 * `fixed_point`: [`RingConfig`], encoding activations and decoding reconstructed products, weight quantisation.
-* `matmul`: the servers' exact ring product ([`RingWeight`]: native AVX2 kernel or float64 limbs).
+* `matmul`: the servers' exact ring product ([`RingWeight`]: native SIMD kernel or float64 limbs).
 * `limbs`: exact products through float64 GEMMs on limbs (the float64 kernel and the client's verifier).
 * `native`: building and loading `ring_kernel.c`.
 * `csprng`: the ChaCha20 keystream every mask and secret comes from.

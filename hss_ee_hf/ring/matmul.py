@@ -4,8 +4,8 @@ Four kernels compute it:
 
 * [`ring_matmul_reference`]: plain `int64` matrix product (the definition).
 * The native kernel ([`hss_ee_hf.ring.native`], used by [`RingWeight`] on CPU when a C compiler is
-  present): the weight is held as 2-byte integers and multiplied into the 64-bit shares with AVX2,
-  wrapping mod 2^64 (`ring_kernel.c` explains why that is exact). It reads a quarter of the bytes
+  present): the weight is held as 2-byte integers and multiplied into the 64-bit shares (AVX-512 VNNI,
+  AVX2 or scalar C), wrapping mod 2^64 (`ring_kernel.c` explains why that is exact). It reads a quarter of the bytes
   of the float64 kernel, which is what a memory-bound decode step pays for.
 * The float64 kernel (CUDA, or CPU without a compiler): each 64-bit share is split into three
   unsigned 22-bit limbs ([`hss_ee_hf.ring.limbs`]) multiplied with the weight held once as float64. Every

@@ -10,9 +10,10 @@ this CPU (`-march=native`) and reported by `hss_ee_kernel_simd()` as [`NativeRin
   by 32 weights (read as int16, `u ^ 0x8000`) per instruction into 32-bit lanes. The two high digits
   only matter mod 2^32, which the wrapping lanes keep; the three low digits (at most 11 bits) cannot
   overflow a lane within 992 inputs, after which the lanes are widened to 64 bits. Exact mod 2^64.
-* `1` (`"avx2"`): `vpmuludq` on the low and high 32 bits of x against the offset weight `u = w + 2^15`,
-  `x*w = xl*u + 2^32 (xh*u) - 2^15 x mod 2^64`, each product below 2^48. Exact mod 2^64.
-* `0` (`"scalar"`): the same identity in plain 64-bit C arithmetic.
+* `1` (`"avx2"`): the same five digits, with `vpmaddwd` (16 digits by 16 weights into 8 lanes) and `vpaddd`;
+  AVX2 has half VNNI's lanes and no fused add, so a chunk is 496 inputs. Exact mod 2^64.
+* `0` (`"scalar"`): `x*w = x*u - 2^15 x mod 2^64` with the offset weight `u = w + 2^15`, in plain 64-bit C
+  arithmetic.
 
 The comment atop `ring_kernel.c` has the full exactness argument. It is built the first time a server
 needs it with the system C compiler (`cc -O3 -march=native`), cached under `~/.cache/hss_ee_hf/kernels`
@@ -136,7 +137,7 @@ class NativeRingKernel:
         self.simd_path = int(lib.hss_ee_kernel_simd())  # a key of SIMD_PATHS
         self.simd = self.simd_path != 0
         self._fn = lib.hss_ee_ring_matmul
-        self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._fn.restype = ctypes.c_int
 
     def matmul(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -147,14 +148,12 @@ class NativeRingKernel:
         y = torch.empty(n, out_features, dtype=torch.int64)
         if n == 0:
             return y
-        # the AVX2 and scalar paths keep x >> 32 here; the VNNI path allocates its own digit planes
-        scratch = None if self.simd_path == 4 else torch.empty_like(x)
         macs = n * in_features * out_features
         threads = torch.get_num_threads() if macs >= _THREAD_MIN_MACS else 1
         cap = getattr(_limits, "threads", None)
         if cap is not None:
             threads = max(1, min(threads, cap))
-        pointers = (x.data_ptr(), scratch.data_ptr() if scratch is not None else None, u.data_ptr(), y.data_ptr())
+        pointers = (x.data_ptr(), u.data_ptr(), y.data_ptr())
         rc = self._fn(*pointers, n, in_features, out_features, threads)
         if rc != 0:
             raise MemoryError(f"the native ring kernel could not allocate its per-call buffers for {n} rows")

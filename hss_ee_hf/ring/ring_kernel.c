@@ -6,96 +6,148 @@
  *
  * The weight is stored offset, u = w + 2^15 (uint16), w in [-2^15, 2^15 - 1].
  *
- * Scalar and AVX2 paths: every product is of two unsigned numbers,
- *     x * w = x * u - 2^15 * x  (mod 2^64).
- * A 64-bit x is xl + 2^32 * xh (both unsigned 32-bit), so
- *     x * u = xl * u + 2^32 * (xh * u)   (mod 2^64)
- * where xl * u < 2^48 is exact in 64 bits, and only xh * u mod 2^32 matters. AVX2's
- * vpmuludq multiplies the low 32 bits of each 64-bit lane into a full 64-bit product, so
- * both halves are one instruction per four lanes. Sums wrap mod 2^64, which is the ring.
+ * Scalar path: every product is of two unsigned numbers, x * w = x * u - 2^15 * x (mod 2^64),
+ * in plain 64-bit C arithmetic, whose sums wrap mod 2^64, which is the ring.
  *
- * AVX-512 VNNI path (AVX512BW + AVX512VNNI): x is rewritten once per call as five signed
- * digits,  x = d0 + 2^11 d1 + 2^22 d2 + 2^32 d3 + 2^48 d4  (mod 2^64),  with
+ * SIMD paths (AVX-512 VNNI: AVX512BW + AVX512VNNI; AVX2): x is rewritten once per call as five
+ * signed digits,  x = d0 + 2^11 d1 + 2^22 d2 + 2^32 d3 + 2^48 d4  (mod 2^64),  with
  * d0, d1 in [-2^10, 2^10), d2 in [-2^9, 2^9) and d3, d4 any int16 (their place values only
  * need the digit mod 2^32 and 2^16). Each digit plane is held as int16, and w is read as
- * int16 (u XOR 0x8000, no offset correction). vpdpwssd multiplies 32 int16 pairs and adds
- * each two neighbouring products into a 32-bit lane, wrapping mod 2^32. So
- *   - for d3, d4 the 32-bit lane sums are exact mod 2^32, all that 2^32 d3 and 2^48 d4 need;
- *   - for d0, d1, d2 one lane gains at most 2 * 2^10 * 2^15 = 2^26 in magnitude per step,
- *     so 31 steps (992 inputs) stay below 2^31 and are exact; after each such chunk the lanes
- *     are widened to 64 bits and combined as S0 + 2^11 S1 + 2^22 S2, exactly, mod 2^64.
+ * int16 (u XOR 0x8000, no offset correction). VNNI's vpdpwssd multiplies 32 int16 pairs and
+ * adds each two neighbouring products into a 32-bit lane, wrapping mod 2^32; AVX2's vpmaddwd
+ * does the same for 16 pairs (into 8 lanes) and vpaddd accumulates. So, per 32-bit lane:
+ *   - for d3, d4 the lane sums are exact mod 2^32, all that 2^32 d3 and 2^48 d4 need;
+ *   - for d0, d1, d2 one lane gains at most 2 * 2^10 * 2^15 = 2^26 in magnitude per step
+ *     (one vector of inputs), so 31 steps (992 inputs for VNNI, 496 for AVX2) stay below 2^31
+ *     and are exact; after each such chunk the lanes are widened to 64 bits and combined as
+ *     S0 + 2^11 S1 + 2^22 S2, exactly, mod 2^64.
  * y = (S0 + 2^11 S1 + 2^22 S2) + 2^32 (S3 + 2^16 S4) mod 2^64. The digit planes are padded
- * with zeros to a multiple of 32 inputs, so the last (masked) weight load meets zero digits.
- * Four output rows share each digit load; rows of x are tiled so their digits stay in L2.
+ * with zeros to a multiple of the vector's inputs (LANES); the last weight vector of a row is
+ * read only up to `in` (VNNI: a masked load; AVX2: a padded copy of each row's tail, made per
+ * call), and meets zero digits past it.
+ * VNNI: four output rows share each digit load. AVX2 (16 vector registers): two. Rows of x
+ * are tiled so their digits stay in L2.
  *
- * Nothing here allocates per call beyond the row sums (scalar/AVX2) or the digit planes
- * (VNNI), and the x_hi scratch the caller passes; the function holds no state: concurrent
- * calls are safe.
+ * Nothing here allocates per call beyond the row sums (scalar), the digit planes (SIMD) and the
+ * weight tails (AVX2);
+ * the function holds no state: concurrent calls are safe.
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HSS_VNNI 1
+#define LANES 32 /* int16 digits per vector; the digit planes are padded to a multiple of it */
+#elif defined(__AVX2__)
+#define HSS_AVX2_DIGITS 1
+#define LANES 16
 #endif
-#if defined(__AVX2__) || defined(HSS_VNNI)
+#if defined(HSS_VNNI) || defined(HSS_AVX2_DIGITS)
+#define HSS_DIGITS 1
 #include <immintrin.h>
 #endif
 
-#define ND 5            /* digits of x in the VNNI path */
-#define CHUNK_STEPS 31  /* 32-input steps whose low-digit lane sums stay below 2^31 */
+#define ND 5            /* digits of x in the SIMD paths */
+#define CHUNK_STEPS 31  /* steps (a vector of inputs each) whose low-digit lane sums stay below 2^31 */
 #define TILE_BYTES (384 * 1024) /* digit planes of the rows worked on together, kept in L2 */
 
 typedef struct {
     const uint64_t *x;   /* (n, in) shares */
-    const uint64_t *xh;  /* (n, in) x >> 32 */
     const uint64_t *sum; /* (n,) row sums of x mod 2^64 */
     const uint16_t *u;   /* (out, in) offset weights */
     uint64_t *y;         /* (n, out) */
     int64_t n, in, out, o0, o1;
-    const int16_t *xd;   /* VNNI: (n, ND, inp) digit planes, zero past `in` */
-    int64_t inp;         /* VNNI: in rounded up to 32 */
+    const int16_t *xd;   /* SIMD: (n, ND, inp) digit planes, zero past `in` */
+    int64_t inp;         /* SIMD: in rounded up to LANES */
+    const int16_t *wt;   /* AVX2: (out, 16) each row's last partial vector of weights as int16, 0 past `in` */
 } job_t;
 
-static inline uint64_t dot_scalar(const uint64_t *x, const uint16_t *u, int64_t from, int64_t in) {
+static inline uint64_t dot_scalar(const uint64_t *x, const uint16_t *u, int64_t in) {
     uint64_t acc = 0;
-    for (int64_t i = from; i < in; i++) acc += x[i] * (uint64_t)u[i];
+    for (int64_t i = 0; i < in; i++) acc += x[i] * (uint64_t)u[i];
     return acc;
 }
 
-#if defined(__AVX2__) && !defined(HSS_VNNI)
+#if defined(HSS_AVX2_DIGITS)
 static inline uint64_t hsum(__m256i v) {
     __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     return (uint64_t)_mm_cvtsi128_si64(s) + (uint64_t)_mm_extract_epi64(s, 1);
 }
 
-static inline __m256i load_u(const uint16_t *p) {
-    return _mm256_cvtepu16_epi64(_mm_loadl_epi64((const __m128i *)p));
+static inline __m256i widen_sum(__m256i a) { /* 8 int32 lanes -> 4 int64 lanes, pairwise sums, exact */
+    return _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(a)),
+                            _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1)));
 }
 
-/* Four output rows against one input row: each weight is loaded once per x row, each x
- * vector feeds four products. */
-static void block4(const job_t *j, int64_t r, int64_t o) {
-    const int64_t in = j->in;
-    const uint64_t *x = j->x + r * in, *xh = j->xh + r * in;
-    const uint16_t *u0 = j->u + o * in, *u1 = u0 + in, *u2 = u1 + in, *u3 = u2 + in;
-    __m256i l0 = _mm256_setzero_si256(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0, h3 = l0;
+#define AZERO5(A) A##0 = A##1 = A##2 = A##3 = A##4 = _mm256_setzero_si256()
+#define AFOLD(A)                                                                                   \
+    _mm256_add_epi64(                                                                              \
+        _mm256_add_epi64(widen_sum(A##0), _mm256_slli_epi64(widen_sum(A##1), 11)),                \
+        _mm256_add_epi64(_mm256_slli_epi64(widen_sum(A##2), 22),                                   \
+                         _mm256_slli_epi64(widen_sum(_mm256_add_epi32(A##3, _mm256_slli_epi32(A##4, 16))), 32)))
+/* one digit plane k at input i against the weight vectors of the block's rows */
+#define AXD(k, i) _mm256_load_si256((const __m256i *)(xd + (k) * inp + (i)))
+#define AMADD(A, x, w) A = _mm256_add_epi32(A, _mm256_madd_epi16(x, w))
+
+/* Two output rows (o, o+1) against input row r: each digit vector feeds two products (AVX2 has 16
+ * vector registers: ten accumulators, a digit vector and two weight vectors). */
+static void ablock2(const job_t *j, int64_t r, int64_t o) {
+    const int64_t in = j->in, inp = j->inp, full = in & ~(int64_t)15;
+    const int16_t *xd = j->xd + r * ND * inp;
+    const uint16_t *u0 = j->u + o * in, *u1 = u0 + in;
+    const __m256i flip = _mm256_set1_epi16((short)0x8000);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    __m256i x, w0, w1, a0, a1, a2, a3, a4, b0, b1, b2, b3, b4;
     int64_t i = 0;
-    for (; i + 4 <= in; i += 4) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i));
-        __m256i xhv = _mm256_loadu_si256((const __m256i *)(xh + i));
-        __m256i w;
-        w = load_u(u0 + i); l0 = _mm256_add_epi64(l0, _mm256_mul_epu32(xv, w)); h0 = _mm256_add_epi64(h0, _mm256_mul_epu32(xhv, w));
-        w = load_u(u1 + i); l1 = _mm256_add_epi64(l1, _mm256_mul_epu32(xv, w)); h1 = _mm256_add_epi64(h1, _mm256_mul_epu32(xhv, w));
-        w = load_u(u2 + i); l2 = _mm256_add_epi64(l2, _mm256_mul_epu32(xv, w)); h2 = _mm256_add_epi64(h2, _mm256_mul_epu32(xhv, w));
-        w = load_u(u3 + i); l3 = _mm256_add_epi64(l3, _mm256_mul_epu32(xv, w)); h3 = _mm256_add_epi64(h3, _mm256_mul_epu32(xhv, w));
+    while (i < inp) {
+        const int64_t end = i + CHUNK_STEPS * 16 < inp ? i + CHUNK_STEPS * 16 : inp;
+        AZERO5(a), AZERO5(b);
+        for (; i < end; i += 16) {
+            if (i < full) {
+                w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u0 + i)), flip);
+                w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u1 + i)), flip);
+            } else { /* the last, partial step: never read past `in` */
+                w0 = _mm256_load_si256((const __m256i *)(j->wt + o * 16));
+                w1 = _mm256_load_si256((const __m256i *)(j->wt + (o + 1) * 16));
+            }
+            x = AXD(0, i); AMADD(a0, x, w0); AMADD(b0, x, w1);
+            x = AXD(1, i); AMADD(a1, x, w0); AMADD(b1, x, w1);
+            x = AXD(2, i); AMADD(a2, x, w0); AMADD(b2, x, w1);
+            x = AXD(3, i); AMADD(a3, x, w0); AMADD(b3, x, w1);
+            x = AXD(4, i); AMADD(a4, x, w0); AMADD(b4, x, w1);
+        }
+        s0 = _mm256_add_epi64(s0, AFOLD(a));
+        s1 = _mm256_add_epi64(s1, AFOLD(b));
     }
-    const uint64_t corr = j->sum[r] << 15;
     uint64_t *y = j->y + r * j->out + o;
-    y[0] = hsum(l0) + (hsum(h0) << 32) + dot_scalar(x, u0, i, in) - corr;
-    y[1] = hsum(l1) + (hsum(h1) << 32) + dot_scalar(x, u1, i, in) - corr;
-    y[2] = hsum(l2) + (hsum(h2) << 32) + dot_scalar(x, u2, i, in) - corr;
-    y[3] = hsum(l3) + (hsum(h3) << 32) + dot_scalar(x, u3, i, in) - corr;
+    y[0] = hsum(s0);
+    y[1] = hsum(s1);
+}
+
+/* One output row o against input row r (an odd row left over). */
+static void ablock1(const job_t *j, int64_t r, int64_t o) {
+    const int64_t in = j->in, inp = j->inp, full = in & ~(int64_t)15;
+    const int16_t *xd = j->xd + r * ND * inp;
+    const uint16_t *u0 = j->u + o * in;
+    const __m256i flip = _mm256_set1_epi16((short)0x8000);
+    __m256i s0 = _mm256_setzero_si256();
+    __m256i w0, a0, a1, a2, a3, a4;
+    int64_t i = 0;
+    while (i < inp) {
+        const int64_t end = i + CHUNK_STEPS * 16 < inp ? i + CHUNK_STEPS * 16 : inp;
+        AZERO5(a);
+        for (; i < end; i += 16) {
+            w0 = i < full ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u0 + i)), flip)
+                          : _mm256_load_si256((const __m256i *)(j->wt + o * 16));
+            AMADD(a0, AXD(0, i), w0);
+            AMADD(a1, AXD(1, i), w0);
+            AMADD(a2, AXD(2, i), w0);
+            AMADD(a3, AXD(3, i), w0);
+            AMADD(a4, AXD(4, i), w0);
+        }
+        s0 = _mm256_add_epi64(s0, AFOLD(a));
+    }
+    j->y[r * j->out + o] = hsum(s0);
 }
 #endif
 
@@ -187,6 +239,9 @@ static void vblock1(const job_t *j, int64_t r, int64_t o) {
     j->y[r * j->out + o] = (uint64_t)_mm512_reduce_add_epi64(s0);
 }
 
+#endif
+
+#if defined(HSS_DIGITS)
 /* x (as uint64) -> ND signed digits, see the header: x = d0 + 2^11 d1 + 2^22 d2 + 2^32 d3 + 2^48 d4 mod 2^64. */
 static void digits(const uint64_t *x, int16_t *d, int64_t in, int64_t inp) {
     for (int64_t i = 0; i < in; i++) {
@@ -212,26 +267,28 @@ static void digits(const uint64_t *x, int16_t *d, int64_t in, int64_t inp) {
 
 static void *run_job(void *arg) {
     const job_t *j = (const job_t *)arg;
-#if defined(HSS_VNNI)
+#if defined(HSS_DIGITS)
     int64_t tile = j->inp > 0 ? TILE_BYTES / (ND * j->inp * 2) : j->n;
     if (tile < 1) tile = 1;
     for (int64_t r0 = 0; r0 < j->n; r0 += tile) {
         const int64_t r1 = r0 + tile < j->n ? r0 + tile : j->n;
         int64_t o = j->o0;
+#if defined(HSS_VNNI)
         for (; o + 4 <= j->o1; o += 4)
             for (int64_t r = r0; r < r1; r++) vblock4(j, r, o);
         for (; o < j->o1; o++)
             for (int64_t r = r0; r < r1; r++) vblock1(j, r, o);
+#else
+        for (; o + 2 <= j->o1; o += 2)
+            for (int64_t r = r0; r < r1; r++) ablock2(j, r, o);
+        for (; o < j->o1; o++)
+            for (int64_t r = r0; r < r1; r++) ablock1(j, r, o);
+#endif
     }
 #else
-    int64_t o = j->o0;
-#if defined(__AVX2__)
-    for (; o + 4 <= j->o1; o += 4)
-        for (int64_t r = 0; r < j->n; r++) block4(j, r, o);
-#endif
-    for (; o < j->o1; o++)
+    for (int64_t o = j->o0; o < j->o1; o++)
         for (int64_t r = 0; r < j->n; r++)
-            j->y[r * j->out + o] = dot_scalar(j->x + r * j->in, j->u + o * j->in, 0, j->in) - (j->sum[r] << 15);
+            j->y[r * j->out + o] = dot_scalar(j->x + r * j->in, j->u + o * j->in, j->in) - (j->sum[r] << 15);
 #endif
     return 0;
 }
@@ -239,7 +296,7 @@ static void *run_job(void *arg) {
 int hss_ee_kernel_simd(void) {
 #if defined(HSS_VNNI)
     return 4;
-#elif defined(__AVX2__)
+#elif defined(HSS_AVX2_DIGITS)
     return 1;
 #else
     return 0;
@@ -247,30 +304,39 @@ int hss_ee_kernel_simd(void) {
 }
 
 /* y (n, out) = x (n, in) . (u - 2^15)^T mod 2^64, over `threads` threads (output rows split
- * in multiples of four). xh is caller scratch of n * in words for the AVX2 and scalar paths; the
- * VNNI path ignores it (it may be NULL there) and allocates its digit planes. Returns 0, or -1
- * when memory for the row sums / digit planes could not be had. A thread that cannot be started
+ * in multiples of four). Returns 0, or -1 when memory for the row sums / digit planes could not
+ * be had. A thread that cannot be started
  * is done by the caller. */
-int hss_ee_ring_matmul(const uint64_t *x, uint64_t *xh, const uint16_t *u, uint64_t *y, int64_t n, int64_t in,
+int hss_ee_ring_matmul(const uint64_t *x, const uint16_t *u, uint64_t *y, int64_t n, int64_t in,
                        int64_t out, int threads) {
     uint64_t *sum = 0;
-    int16_t *xd = 0;
-    const int64_t inp = (in + 31) & ~(int64_t)31;
-#if defined(HSS_VNNI)
-    (void)xh;
-    size_t bytes = ((size_t)(n > 0 ? n : 1) * ND * (size_t)(inp > 0 ? inp : 32) * 2 + 63) & ~(size_t)63;
+    int16_t *xd = 0, *wt = 0;
+#if defined(HSS_DIGITS)
+    const int64_t inp = (in + LANES - 1) & ~(int64_t)(LANES - 1);
+    size_t bytes = ((size_t)(n > 0 ? n : 1) * ND * (size_t)(inp > 0 ? inp : LANES) * 2 + 63) & ~(size_t)63;
     xd = (int16_t *)aligned_alloc(64, bytes);
     if (!xd) return -1;
     for (int64_t r = 0; r < n; r++) digits(x + r * in, xd + r * ND * inp, in, inp);
+#if defined(HSS_AVX2_DIGITS)
+    if (in & 15) { /* the partial last vector of each weight row, read from here instead of past `in` */
+        wt = (int16_t *)aligned_alloc(64, ((size_t)out * 32 + 63) & ~(size_t)63);
+        if (!wt) {
+            free(xd);
+            return -1;
+        }
+        const int64_t full = in & ~(int64_t)15;
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t k = 0; k < 16; k++)
+                wt[o * 16 + k] = full + k < in ? (int16_t)(u[o * in + full + k] ^ 0x8000) : 0;
+    }
+#endif
 #else
+    const int64_t inp = 0;
     sum = (uint64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(uint64_t));
     if (!sum) return -1;
     for (int64_t r = 0; r < n; r++) {
         uint64_t s = 0;
-        for (int64_t i = 0; i < in; i++) {
-            s += x[r * in + i];
-            xh[r * in + i] = x[r * in + i] >> 32;
-        }
+        for (int64_t i = 0; i < in; i++) s += x[r * in + i];
         sum[r] = s;
     }
 #endif
@@ -284,7 +350,7 @@ int hss_ee_ring_matmul(const uint64_t *x, uint64_t *xh, const uint16_t *u, uint6
     int started = 0;
     for (int t = 0; t < threads && o < out; t++) {
         int64_t o1 = o + per < out ? o + per : out;
-        jobs[t] = (job_t){x, xh, sum, u, y, n, in, out, o, o1, xd, inp};
+        jobs[t] = (job_t){x, sum, u, y, n, in, out, o, o1, xd, inp, wt};
         o = o1;
         started++;
     }
@@ -298,5 +364,6 @@ int hss_ee_ring_matmul(const uint64_t *x, uint64_t *xh, const uint16_t *u, uint6
     for (int t = 1; t < started; t++) pthread_join(tids[t], 0);
     free(sum);
     free(xd);
+    free(wt);
     return 0;
 }
