@@ -269,6 +269,28 @@ def test_large_requests_give_memory_back(engine, monkeypatch):
     assert release_freed_memory() is sys.platform.startswith("linux")
 
 
+def test_memory_goes_back_once_large_requests_stop(monkeypatch):
+    """A burst of large requests (a prompt's stages, an image's convolutions) reuses freed memory; one trim follows
+    the last of them, `TRIM_IDLE_SECONDS` later, and none runs while they keep coming."""
+    from hss_ee_hf.server import memory
+
+    trims: list[float] = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(memory, "TRIM_IDLE_SECONDS", 0.5)
+    start = time.monotonic()
+    for _ in range(6):  # requests much closer together than the quiet time
+        last = time.monotonic()
+        memory.release_after_large_request()
+        time.sleep(0.02)
+    assert trims == []
+    deadline = time.monotonic() + 5.0
+    while not trims and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.6)  # no second trim follows
+    assert len(trims) == 1 and trims[0] >= last + 0.5 - 0.01 and trims[0] - start >= 0.5
+    assert memory.keep_freed_memory() is sys.platform.startswith("linux")
+
+
 # --- row 1 (unit level; the real-process cases are in test_misconfig_servers.py) ---------------------------------
 
 

@@ -25,7 +25,7 @@ from ..ring.sharing import expand_share
 from ..transport.base import PROTOCOL_VERSION
 from ..transport.geometry import ConvGeometry
 from .batching import StageBatcher
-from .memory import TRIM_ROWS, release_after_large_request, release_freed_memory, use_mmap_for_large_buffers
+from .memory import TRIM_ROWS, keep_freed_memory, release_after_large_request, release_freed_memory
 from .options import DEFAULT_MAX_ROWS, check_engine_options, load_server_config, resolve_device
 from .placement import load_stage_weights
 from .unfold import unfold_share
@@ -80,7 +80,7 @@ class StageEngine:
         bad = [s for s in schedules if s not in SCHEDULES]
         if bad or 4 not in schedules:
             raise ValueError(f"schedules must include 4 and be among {SCHEDULES}, got {tuple(schedules)}")
-        use_mmap_for_large_buffers()  # long prompts' buffers go back to the OS when freed
+        keep_freed_memory()  # for the next large request; given back once large requests stop
         folder = Path(checkpoint)
         self.info = HSSEECheckpointInfo.from_folder(folder)
         self.config = load_server_config(folder)
@@ -246,8 +246,8 @@ class StageEngine:
             x = unfold_share(x.view(rows, geometry.channels, geometry.height, geometry.width), geometry)
         y = self.batcher.run(stage, weight, x) if self.batcher is not None else weight.matmul(x)
         out = memoryview(y.cpu().contiguous().numpy()).cast("B")
-        if rows >= TRIM_ROWS:
-            # A long prompt's buffers would otherwise stay in glibc's arenas for the life of the process.
+        if rows >= TRIM_ROWS or y.shape[0] >= TRIM_ROWS:
+            # A long prompt's or an image's buffers would otherwise stay in glibc's arenas for the life of the process.
             del x, y
             release_after_large_request()
         return out
