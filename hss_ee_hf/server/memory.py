@@ -9,8 +9,9 @@ with both parties in the client's process took 390,000 minor faults and 2.4-2.7 
 of 1 MiB or more was mapped afresh), against 74,000 and 1.7 s when blocks of up to 32 MiB are reused.
 
 So the allocator keeps freed memory while requests come ([`keep_freed_memory`]: blocks up to 32 MiB come from the
-arenas), and [`release_after_large_request`] returns what they hold with `malloc_trim(0)` once [`TRIM_IDLE_SECONDS`] have passed without another large request (one of at least
-[`TRIM_ROWS`] rows of input or output). The decode path (one row per call) never pays for a trim.
+arenas), and [`release_after_large_request`] returns what they hold with `malloc_trim(0)` once
+[`TRIM_IDLE_SECONDS`] have passed without another large request (one of at least [`TRIM_ROWS`] rows of input or
+output). The decode path (one row per call) never pays for a trim.
 """
 
 from __future__ import annotations
