@@ -515,11 +515,11 @@ class _Counting(DataPlaneTransport):
         super().__init__(GrpcTransport(servers.endpoints, config=RESTART_CONFIG))
         self.hook, self.calls = hook, 0
 
-    def send_party(self, party, fingerprint, stage, shares, out_features):
+    def send_party(self, party, fingerprint, stage, shares, out_features, geometry=None):
         if party == 1:
             self.calls += 1
             self.hook(self.calls)
-        return super().send_party(party, fingerprint, stage, shares, out_features)
+        return super().send_party(party, fingerprint, stage, shares, out_features, geometry)
 
 
 def test_server_killed_between_calls_and_restarted_mid_generation(tiny, reference):
@@ -711,9 +711,11 @@ class _Recording:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def compute(self, fingerprint, stage, rows, share=None, seed=None, version=PROTOCOL_VERSION) -> bytes:
+    def compute(self, fingerprint, stage, rows, share=None, seed=None, version=PROTOCOL_VERSION, geometry=None):
         self.received.append((rows, bytes(seed if seed is not None else share)))
-        return self.engine.compute(fingerprint, stage, rows, share=share, seed=seed, version=version)
+        return self.engine.compute(
+            fingerprint, stage, rows, share=share, seed=seed, version=version, geometry=geometry
+        )
 
 
 def test_party_a_chunks_grow_and_every_mask_row_is_used_once(tiny):

@@ -137,9 +137,11 @@ class _RecordingEngine:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def compute(self, fingerprint, stage, rows, share=None, seed=None, version=None) -> bytes:
+    def compute(self, fingerprint, stage, rows, share=None, seed=None, version=None, geometry=None) -> bytes:
         self.received.append(bytes(seed if seed is not None else share))
-        return self.engine.compute(fingerprint, stage, rows, share=share, seed=seed, version=version)
+        return self.engine.compute(
+            fingerprint, stage, rows, share=share, seed=seed, version=version, geometry=geometry
+        )
 
 
 @pytest.fixture(scope="module", params=["grpc", "dataplane"])
@@ -265,7 +267,7 @@ class _FailingEngine:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def compute(self, fingerprint, stage, rows, share=None, seed=None, version=None) -> bytes:
+    def compute(self, fingerprint, stage, rows, share=None, seed=None, version=None, geometry=None) -> bytes:
         raise RuntimeError(f"bad payload {(share or seed)!r} {(share or seed or b'').hex()}")
 
 

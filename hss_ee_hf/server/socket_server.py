@@ -280,11 +280,10 @@ class DataPlaneServer:
                     except ValueError as err:
                         raise FrameError(str(err)) from None
                     payload, flag = payload[GEOMETRY_BYTES:], flag - INPUT_MAP_SHARE
-                extra = {} if geometry is None else {"geometry": geometry}
                 if flag == INPUT_SHARE:
-                    out = compute(fingerprint, stage, rows, share=payload, version=version, **extra)
+                    out = compute(fingerprint, stage, rows, share=payload, version=version, geometry=geometry)
                 elif flag == INPUT_SEED:
-                    out = compute(fingerprint, stage, rows, seed=bytes(payload), version=version, **extra)
+                    out = compute(fingerprint, stage, rows, seed=bytes(payload), version=version, geometry=geometry)
                 else:
                     raise FrameError(f"unknown input kind {flag} (0: share, 1: seed, 2: feature map, 3: its seed)")
             except (StageRequestError, FrameError) as err:

@@ -179,10 +179,9 @@ class DataPlaneTransport(Transport):
             `TransportError`: naming the server that failed (party A first when both have).
             `FeatureMapsUnavailable`: `geometry` was given and a server's data plane cannot be reached.
         """
-        maps = () if geometry is None else (geometry,)
-        first = self.send_party(0, fingerprint, stage, shares, out_features, *maps)
+        first = self.send_party(0, fingerprint, stage, shares, out_features, geometry)
         try:
-            pending = [first, self.send_party(1, fingerprint, stage, shares, out_features, *maps)]
+            pending = [first, self.send_party(1, fingerprint, stage, shares, out_features, geometry)]
         except BaseException:
             first.cancel()
             raise
