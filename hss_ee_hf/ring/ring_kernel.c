@@ -29,8 +29,7 @@
  * are tiled so their digits stay in L2.
  *
  * Nothing here allocates per call beyond the row sums (scalar), the digit planes (SIMD) and the
- * weight tails (AVX2);
- * the function holds no state: concurrent calls are safe.
+ * weight tails (AVX2); the function holds no state: concurrent calls are safe.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -85,6 +84,13 @@ static inline __m256i widen_sum(__m256i a) { /* 8 int32 lanes -> 4 int64 lanes, 
         _mm256_add_epi64(widen_sum(A##0), _mm256_slli_epi64(widen_sum(A##1), 11)),                \
         _mm256_add_epi64(_mm256_slli_epi64(widen_sum(A##2), 22),                                   \
                          _mm256_slli_epi64(widen_sum(_mm256_add_epi32(A##3, _mm256_slli_epi32(A##4, 16))), 32)))
+/* Weight row o's 16 weights at input i as int16; the last, partial step (i >= full) reads the
+ * row's padded tail copy, never past `in`. */
+static inline __m256i wload(const job_t *j, const uint16_t *row, int64_t o, int64_t i, int64_t full, __m256i flip) {
+    return i < full ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row + i)), flip)
+                    : _mm256_load_si256((const __m256i *)(j->wt + o * 16));
+}
+
 /* one digit plane k at input i against the weight vectors of the block's rows */
 #define AXD(k, i) _mm256_load_si256((const __m256i *)(xd + (k) * inp + (i)))
 #define AMADD(A, x, w) A = _mm256_add_epi32(A, _mm256_madd_epi16(x, w))
@@ -103,13 +109,8 @@ static void ablock2(const job_t *j, int64_t r, int64_t o) {
         const int64_t end = i + CHUNK_STEPS * 16 < inp ? i + CHUNK_STEPS * 16 : inp;
         AZERO5(a), AZERO5(b);
         for (; i < end; i += 16) {
-            if (i < full) {
-                w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u0 + i)), flip);
-                w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u1 + i)), flip);
-            } else { /* the last, partial step: never read past `in` */
-                w0 = _mm256_load_si256((const __m256i *)(j->wt + o * 16));
-                w1 = _mm256_load_si256((const __m256i *)(j->wt + (o + 1) * 16));
-            }
+            w0 = wload(j, u0, o, i, full, flip);
+            w1 = wload(j, u1, o + 1, i, full, flip);
             x = AXD(0, i); AMADD(a0, x, w0); AMADD(b0, x, w1);
             x = AXD(1, i); AMADD(a1, x, w0); AMADD(b1, x, w1);
             x = AXD(2, i); AMADD(a2, x, w0); AMADD(b2, x, w1);
@@ -137,8 +138,7 @@ static void ablock1(const job_t *j, int64_t r, int64_t o) {
         const int64_t end = i + CHUNK_STEPS * 16 < inp ? i + CHUNK_STEPS * 16 : inp;
         AZERO5(a);
         for (; i < end; i += 16) {
-            w0 = i < full ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u0 + i)), flip)
-                          : _mm256_load_si256((const __m256i *)(j->wt + o * 16));
+            w0 = wload(j, u0, o, i, full, flip);
             AMADD(a0, AXD(0, i), w0);
             AMADD(a1, AXD(1, i), w0);
             AMADD(a2, AXD(2, i), w0);
