@@ -84,14 +84,19 @@ def release_after_large_request() -> None:
     One daemon timer at most is pending; a call while it waits moves the trim later, so a prompt's or an image's
     requests reuse each other's freed memory and the trim runs once, after the last of them.
     """
-    global _pending, _last_large
+    global _last_large
     with _lock:
         _last_large = time.monotonic()
-        if _pending is not None and _pending.is_alive():
-            return
-        _pending = threading.Timer(TRIM_IDLE_SECONDS, _trim_when_idle)
-        _pending.daemon = True
-        _pending.start()
+        if _pending is None or not _pending.is_alive():
+            _trim_after(TRIM_IDLE_SECONDS)
+
+
+def _trim_after(seconds: float) -> None:
+    """Starts the one pending timer (the caller holds `_lock`)."""
+    global _pending
+    _pending = threading.Timer(seconds, _trim_when_idle)
+    _pending.daemon = True
+    _pending.start()
 
 
 def _trim_when_idle() -> None:
@@ -99,9 +104,7 @@ def _trim_when_idle() -> None:
     with _lock:
         wait = _last_large + TRIM_IDLE_SECONDS - time.monotonic()
         if wait > 0:  # a large request came meanwhile: wait for the quiet time after it
-            _pending = threading.Timer(wait, _trim_when_idle)
-            _pending.daemon = True
-            _pending.start()
+            _trim_after(wait)
             return
         _pending = None
     release_freed_memory()
